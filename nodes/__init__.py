@@ -1,0 +1,13 @@
+"""ComfyUI nodes of the pack (V3 schema), thin wrappers over ``gnri_core``."""
+from typing_extensions import override
+from comfy_api.latest import ComfyExtension, io
+
+
+class GNRIExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return []
+
+
+async def comfy_entrypoint() -> GNRIExtension:
+    return GNRIExtension()
