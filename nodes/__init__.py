@@ -2,11 +2,13 @@
 from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
+from .inversion_nodes import GNRIInvert, GuidedNRSampler
+
 
 class GNRIExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return [GNRIInvert, GuidedNRSampler]
 
 
 async def comfy_entrypoint() -> GNRIExtension:

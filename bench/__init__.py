@@ -1,0 +1,1 @@
+"""Benchmarks of the pack (not part of the test suite beyond smoke runs)."""

@@ -1,0 +1,135 @@
+"""``invert`` and ``reconstruct``: the public contract of the core.
+
+    result = invert(denoise, x0, sigmas, method="gnri", family="eps", **options)
+    x = reconstruct(denoise, result.noise, sigmas.flip(0))
+
+``denoise(x, sigma)`` returns D(x, sigma), the x0-prediction in ComfyUI's convention
+(EPS/V: x = x0 + sigma*eps; flow: x = (1 - sigma)*x0 + sigma*eps); ``sigma`` is passed
+as a per-batch tensor. ``sigmas`` ascend from the clean level (0, or FlipSigmas'
+1e-4) to sigma_max.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .errors import InversionInputError
+from .problem import FAMILIES, Denoiser, StepProblem, to_d
+from .result import InversionResult
+from .solvers import DEFAULTS, SOLVERS, SolverOptions
+
+FAMILY_ALIASES = {"eps": "eps", "v_prediction": "eps", "v": "eps", "flow": "flow", "const": "flow"}
+METHODS = tuple(SOLVERS)
+
+
+def check_family(family: str) -> str:
+    key = str(family).lower()
+    if key not in FAMILY_ALIASES:
+        raise InversionInputError(
+            f"family must be one of {FAMILIES} (or v_prediction/const), got {family!r}")
+    return FAMILY_ALIASES[key]
+
+
+def check_method(method: str) -> str:
+    if method not in SOLVERS:
+        raise InversionInputError(f"unknown method {method!r}; expected one of {METHODS}")
+    return method
+
+
+def check_latent(x: torch.Tensor, name: str = "latent") -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise InversionInputError(f"{name} must be a tensor of shape (batch, channels, ...)")
+    if not torch.isfinite(x).all():
+        raise InversionInputError(f"{name} contains NaN or inf values")
+
+
+def check_sigmas(sigmas: torch.Tensor, ascending: bool, family: Optional[str] = None) -> torch.Tensor:
+    """Validates a 1-D, strictly monotonic, finite, non-negative schedule."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+    direction = "ascending" if ascending else "descending"
+    if sigmas.numel() < 2:
+        raise InversionInputError(f"sigmas must hold at least 2 values (1 step), got {sigmas.numel()}")
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise InversionInputError("sigmas must be finite and >= 0")
+    steps = sigmas.diff() if ascending else -sigmas.diff()
+    if not (steps > 0).all():
+        raise InversionInputError(
+            f"sigmas must be strictly {direction}, got {[round(float(s), 4) for s in sigmas]}")
+    if family == "flow" and float(sigmas.max()) > 1.0 + 1e-6:
+        raise InversionInputError(f"flow-model sigmas must lie in [0, 1], got max {float(sigmas.max()):.4g}")
+    return sigmas
+
+
+def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: str = "gnri",
+           family: str = "eps", callback: Optional[Callable[[dict], None]] = None,
+           check_interrupt: Optional[Callable[[], None]] = None, **options) -> InversionResult:
+    """Inverts the deterministic Euler/DDIM sampler from ``x0`` up the ascending ``sigmas``.
+
+    Each step solves r(z) = 0 with ``method`` (ddim, fixed_point, anderson, renoise,
+    newton, gnri); ``options`` override that method's :data:`DEFAULTS`
+    (see :class:`SolverOptions`). ``callback`` gets a dict per step; ``check_interrupt``
+    is called before every model call and may raise to stop.
+    """
+    method, family = check_method(method), check_family(family)
+    check_latent(x0, "x0")
+    sigmas = check_sigmas(sigmas, ascending=True, family=family)
+    opts = SolverOptions.build(DEFAULTS[method], options)
+    solver = SOLVERS[method]
+    denoise = _with_interrupt(denoise, check_interrupt)
+
+    z = x0.detach().float()
+    carry: dict = {}
+    result = InversionResult(noise=z, trajectory=[z], sigmas=sigmas, method=method, family=family)
+    grad_mode = torch.enable_grad() if opts.gradient == "autograd" else torch.no_grad()
+    with grad_mode:
+        for i in range(len(sigmas) - 1):
+            problem = StepProblem(denoise, z, float(sigmas[i]), float(sigmas[i + 1]), family,
+                                  model_dtype=x0.dtype, carry=carry)
+            step = solver(problem, opts)
+            z = step.z.detach()
+            result.trajectory.append(z)
+            result.nfe += problem.nfe
+            result.residuals.append(step.residual)
+            result.iterations.append(step.iterations)
+            result.codes.append(step.code)
+            result.histories.append(step.history)
+            if method in ("gnri", "newton") and opts.gradient == "autograd":
+                result.backward_passes += step.iterations
+            if callback is not None:
+                callback({"i": i, "x": z, "sigma": sigmas[i + 1], "nfe": result.nfe,
+                          "iterations": step.iterations, "residual": step.residual})
+    result.noise = z
+    return result
+
+
+def reconstruct(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
+                callback: Optional[Callable[[dict], None]] = None,
+                check_interrupt: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """Deterministic Euler/DDIM sampling down the descending ``sigmas`` (ComfyUI ``euler``).
+
+    With exact inversion roots this returns the inverted x0.
+    """
+    check_latent(noise, "noise")
+    sigmas = check_sigmas(sigmas, ascending=False)
+    denoise = _with_interrupt(denoise, check_interrupt)
+    x = noise.detach().float()
+    with torch.no_grad():
+        for i in range(len(sigmas) - 1):
+            sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+            s_in = torch.full((x.shape[0],), sigma, device=x.device)
+            denoised = denoise(x.to(noise.dtype), s_in).float()
+            x = x + (sigma_next - sigma) * to_d(x, sigma, denoised)
+            if callback is not None:
+                callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
+    return x
+
+
+def _with_interrupt(denoise: Denoiser, check_interrupt) -> Denoiser:
+    if check_interrupt is None:
+        return denoise
+
+    def checked(x, sigma):
+        check_interrupt()
+        return denoise(x, sigma)
+    return checked

@@ -1,0 +1,64 @@
+"""Result types: one per step, one per inversion (optimistix-style: value, code, stats)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+CONVERGED = "converged"      # relative residual reached the tolerance
+MAX_ITERS = "max_iterations"  # iteration budget used up (the normal case for few-step budgets)
+SINGLE_STEP = "single_step"  # ddim: one evaluation, no iteration
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a solver returns for one step.
+
+    ``residual`` is the relative residual ||r(z)|| / ||z_prev|| (max over the batch)
+    of the best iterate the solver evaluated; ``z`` is the map applied to it, so the
+    true residual of ``z`` is usually smaller.
+    """
+
+    z: torch.Tensor
+    iterations: int
+    nfe: int
+    residual: float
+    code: str
+    history: tuple[float, ...] = ()
+
+
+@dataclass
+class InversionResult:
+    """Everything ``invert`` found.
+
+    noise:       the latent at sigma_max (what sampling starts from).
+    trajectory:  latents at every sigma, ``trajectory[0]`` is the input x0.
+    sigmas:      the ascending sigmas used.
+    nfe:         exact number of ``denoise`` calls.
+    residuals:   final relative residual per step (see :class:`StepResult`).
+    iterations:  solver iterations per step.
+    codes:       result code per step.
+    histories:   relative residual after every iteration, per step.
+    """
+
+    noise: torch.Tensor
+    trajectory: list[torch.Tensor]
+    sigmas: torch.Tensor
+    method: str
+    family: str
+    nfe: int = 0
+    residuals: list[float] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)
+    histories: list[tuple[float, ...]] = field(default_factory=list)
+    backward_passes: int = 0
+
+    def summary(self) -> str:
+        """One line per step, for node UI text and logs."""
+        lines = [f"{self.method} ({self.family}): {self.nfe} model calls, "
+                 f"{self.backward_passes} backward passes"]
+        for i, (res, it, code) in enumerate(zip(self.residuals, self.iterations, self.codes)):
+            s0, s1 = float(self.sigmas[i]), float(self.sigmas[i + 1])
+            lines.append(f"step {i + 1}: sigma {s0:.4g} -> {s1:.4g}, {it} it, "
+                         f"residual {res:.2e} ({code})")
+        return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""k-diffusion-style sampler functions over the core, for hosts such as ComfyUI's
+``KSAMPLER``: ``fn(model, x, sigmas, extra_args=None, callback=None, disable=None, **opts)``
+where ``model(x, sigma, **extra_args)`` returns the denoised x0 estimate."""
+from __future__ import annotations
+
+import torch
+
+from .invert import invert, reconstruct
+
+
+def sigmas_ascend(sigmas: torch.Tensor) -> bool:
+    return len(sigmas) > 1 and float(sigmas[-1]) > float(sigmas[0])
+
+
+def sample_guided_nr(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                     method="gnri", family="eps", check_interrupt=None, result_sink=None,
+                     **options):
+    """Inverts on ascending sigmas (FlipSigmas) with ``method``; samples with the
+    matching deterministic Euler/DDIM step on descending sigmas.
+
+    ``result_sink`` (a list), if given, receives the :class:`InversionResult`.
+    """
+    extra_args = {} if extra_args is None else extra_args
+
+    def denoise(z, sigma):
+        return model(z, sigma, **extra_args)
+
+    def report(info):
+        if callback is not None:
+            callback({"x": info["x"], "i": info["i"], "sigma": info["sigma"],
+                      "sigma_hat": info["sigma"], "denoised": info.get("denoised", info["x"])})
+
+    if sigmas_ascend(sigmas):
+        result = invert(denoise, x, sigmas, method=method, family=family, callback=report,
+                        check_interrupt=check_interrupt, **options)
+        if result_sink is not None:
+            result_sink.append(result)
+        return result.noise.to(x.dtype)
+    return reconstruct(denoise, x, sigmas, callback=report,
+                       check_interrupt=check_interrupt).to(x.dtype)

@@ -1,0 +1,314 @@
+"""Per-step root finders for r(z) = z - f(z) = 0 (see ``problem.py``).
+
+Every solver is ``solve_x(problem, options) -> StepResult``, starts from
+z^0 = z_prev, spends one model call per iteration, and returns the map f applied
+to its best evaluated iterate (so K iterations cost exactly K model calls).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .autograd import through_inference_tensors
+from .errors import InversionError, InversionInputError
+from .problem import StepProblem, batch_dot, batch_norm2, converged, per_sample, to_d
+from .result import CONVERGED, MAX_ITERS, SINGLE_STEP, StepResult
+
+GRADIENTS = ("detached", "autograd")
+GUIDANCE_FORMS = ("euler", "ddim")
+UPDATES = ("secant", "paper")
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Settings shared by the solvers; each solver reads the ones it needs.
+
+    max_iters:        model calls per step (iterations).
+    tol:              stop early once every relative residual is below this (0: never).
+    lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G.
+    eta:              GNRI floor eta on |dF/dz_j| in the Newton denominator.
+    gradient:         GNRI dF/dz: "detached" (reference code, model output held
+                      constant, dr/dz = I) or "autograd" (through the network).
+    guidance:         G = ||z - mu|| ("euler") or ||z - mu|| / beta ("ddim").
+    step_control:     GNRI paper update: step from the best iterate and halve the step
+                      when the objective did not decrease (False: the plain update).
+    update:           GNRI: "secant" (Newton with a secant Jacobian, the default) or
+                      "paper" (the scalar update distributed over coordinates).
+    window:           Anderson history length m.
+    ridge:            Anderson least-squares regularisation (relative to the Gram trace).
+    renoise_average:  ReNoise: how many of the last derivative estimates to average.
+    """
+
+    max_iters: int = 2
+    tol: float = 1e-4
+    lam: float = 0.1
+    eta: float = 1e-3
+    gradient: str = "detached"
+    guidance: str = "euler"
+    step_control: bool = True
+    update: str = "secant"
+    window: int = 3
+    ridge: float = 1e-6
+    renoise_average: int = 3
+
+    def validated(self) -> "SolverOptions":
+        if int(self.max_iters) < 1:
+            raise InversionInputError(f"max_iters must be >= 1, got {self.max_iters}")
+        if self.tol < 0 or self.lam < 0 or self.eta < 0:
+            raise InversionInputError(
+                f"tol, lam and eta must be >= 0, got tol={self.tol}, lam={self.lam}, eta={self.eta}")
+        if self.gradient not in GRADIENTS:
+            raise InversionInputError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
+        if self.guidance not in GUIDANCE_FORMS:
+            raise InversionInputError(f"guidance must be one of {GUIDANCE_FORMS}, got {self.guidance!r}")
+        if self.update not in UPDATES:
+            raise InversionInputError(f"update must be one of {UPDATES}, got {self.update!r}")
+        if int(self.window) < 1 or int(self.renoise_average) < 1:
+            raise InversionInputError("window and renoise_average must be >= 1")
+        return self
+
+    @classmethod
+    def build(cls, base: "SolverOptions", overrides: dict) -> "SolverOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise InversionInputError(
+                f"unknown option(s) {unknown}; expected some of {sorted(names)}")
+        return replace(base, **overrides).validated()
+
+
+def _result(z, history, nfe, tol) -> StepResult:
+    residual = history[-1]
+    code = CONVERGED if tol > 0 and residual <= tol else MAX_ITERS
+    return StepResult(z=z, iterations=len(history), nfe=nfe, residual=residual,
+                      code=code, history=tuple(history))
+
+
+def solve_ddim(p: StepProblem, o: SolverOptions) -> StepResult:
+    """Naive DDIM inversion: z = f(z_prev), the model evaluated at z_prev (1 call)."""
+    z = p.fixed_point_map(p.z_prev)
+    residual = float(p.relative(p.z_prev - z).max())
+    return StepResult(z=z, iterations=1, nfe=1, residual=residual, code=SINGLE_STEP,
+                      history=(residual,))
+
+
+def solve_fixed_point(p: StepProblem, o: SolverOptions) -> StepResult:
+    """Fixed-point iteration z <- f(z) (Meiri et al.; AIDI-E without averaging)."""
+    z, history = p.z_prev, []
+    for _ in range(o.max_iters):
+        fz = p.fixed_point_map(z)
+        relative = p.relative(z - fz)
+        history.append(float(relative.max()))
+        z = fz
+        if converged(relative, o.tol):
+            break
+    return _result(z, history, len(history), o.tol)
+
+
+def solve_anderson(p: StepProblem, o: SolverOptions) -> StepResult:
+    """Anderson acceleration of z <- f(z) (AIDI-A), type II, window m, ridge-regularised.
+
+    With g_k = f(z_k) - z_k and differences dG, dZ over the last m iterates:
+    gamma = argmin ||g_k - dG gamma||, z_{k+1} = z_k + g_k - (dZ + dG) gamma.
+    """
+    z, history, zs, gs = p.z_prev, [], [], []
+    for _ in range(o.max_iters):
+        fz = p.fixed_point_map(z)
+        g = fz - z
+        relative = p.relative(g)
+        history.append(float(relative.max()))
+        zs, gs = (zs + [z])[-(o.window + 1):], (gs + [g])[-(o.window + 1):]
+        if converged(relative, o.tol) or len(gs) == 1:
+            z = fz
+            if converged(relative, o.tol):
+                break
+            continue
+        z = multisecant_step(zs, gs, o.ridge)
+    return _result(z, history, len(history), o.tol)
+
+
+def multisecant_step(zs: list, gs: list, ridge: float) -> torch.Tensor:
+    """Anderson type-II mixing = multisecant quasi-Newton step for g(z) = f(z) - z = 0.
+
+    With differences dG, dZ over the history: gamma = argmin ||g_k - dG gamma||
+    (ridge-regularised), z_{k+1} = z_k + g_k - (dZ + dG) gamma. Per batch element.
+    """
+    z, g = zs[-1], gs[-1]
+    d_g = torch.stack([(b - a).flatten(1) for a, b in zip(gs, gs[1:])], dim=2)  # (B, N, m)
+    d_z = torch.stack([(b - a).flatten(1) for a, b in zip(zs, zs[1:])], dim=2)
+    gram = d_g.transpose(1, 2) @ d_g
+    scale = ridge * gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
+    gram = gram + scale.view(-1, 1, 1) * torch.eye(gram.shape[1], device=gram.device)
+    gamma = torch.linalg.solve(gram, d_g.transpose(1, 2) @ g.flatten(1).unsqueeze(2))
+    return z + g - ((d_z + d_g) @ gamma).view_as(z)
+
+
+def solve_renoise(p: StepProblem, o: SolverOptions) -> StepResult:
+    """ReNoise (Garibi et al.): fixed-point iterations, then one step with the
+    average of the last ``renoise_average`` derivative estimates."""
+    z, history, ds = p.z_prev, [], []
+    for _ in range(o.max_iters):
+        d = to_d(z, p.sigma_next, p.denoised(z))
+        fz = p.z_prev + p.h * d
+        relative = p.relative(z - fz)
+        history.append(float(relative.max()))
+        ds.append(d)
+        z = fz
+        if converged(relative, o.tol):
+            break
+    z = p.z_prev + p.h * torch.stack(ds[-o.renoise_average:]).mean(0)
+    return _result(z, history, len(history), o.tol)
+
+
+def _guidance(p: StepProblem, o: SolverOptions):
+    """mu and the factor of G: ||z - mu|| ("euler") or ||z - mu|| / beta ("ddim")."""
+    mu, beta = p.guidance_mean_var()
+    return mu, (1.0 / beta if o.guidance == "ddim" else 1.0)
+
+
+def _objective_and_gradient(p: StepProblem, o: SolverOptions, z, mu, g_scale):
+    """F(z) = ||r(z)||_1 + lambda * G(z) per sample, dF/dz, r(z) and f(z)."""
+    if o.gradient == "autograd":
+        with through_inference_tensors():
+            z_var = z.detach().clone().requires_grad_(True)
+            fz = p.fixed_point_map(z_var)
+            r = z_var - fz
+            objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z_var - mu)
+            try:
+                (grad,) = torch.autograd.grad(objective.sum(), z_var)
+            except RuntimeError as exc:  # e.g. a model implementation with in-place ops
+                raise InversionError(
+                    "gradient='autograd': this model cannot be differentiated through "
+                    f"({str(exc).splitlines()[0][:120]}); use the detached gradient or the "
+                    "secant update") from exc
+        return objective.detach(), grad.detach(), r.detach(), fz.detach()
+    fz = p.fixed_point_map(z)
+    r = z - fz
+    offset = z - mu
+    distance = batch_norm2(offset)
+    objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * distance
+    grad = torch.sign(r) + o.lam * g_scale * offset / per_sample(distance.clamp_min(1e-12), z)
+    return objective, grad, r, fz
+
+
+def solve_gnri(p: StepProblem, o: SolverOptions) -> StepResult:
+    """Guided Newton-Raphson inversion (Samuel et al.); ``o.update`` picks the update."""
+    return (solve_gnri_secant if o.update == "secant" else solve_gnri_paper)(p, o)
+
+
+def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
+    """GNRI with a secant Jacobian: Newton-Raphson z <- z - J^-1 r(z) on the residual,
+
+        J = dr/dz = (sigma/sigma') I + (h/sigma') dD/dz,
+
+    where J is modelled as a * I with the scalar slope a predicted from the
+    previous step's measured denoiser gain (Gaussian-data model, ``denoiser_gain``)
+    and, once two iterates exist, replaced by the multisecant (Anderson type-II)
+    estimate. Guidance F = ||r||_1 + lambda * G(z) ranks the iterates: a step that
+    raised F restarts from the best iterate with the safe fixed-point step.
+    """
+    mu, g_scale = _guidance(p, o)
+    low, high = p.slope_bounds()
+    variance = p.carry.get("data_variance")
+    if variance is None:  # first step: the latent's own second moment
+        variance = p.z_prev.flatten(1).pow(2).mean(1)
+    slope = p.slope(p.denoiser_gain(variance)).clamp(low, high)
+    batch = p.z_prev.shape[0]
+    best_f = torch.full((batch,), float("inf"), device=p.z_prev.device)
+    best_fz = p.z_prev
+    best_rel = best_f.clone()
+    z, zs, gs, history = p.z_prev, [], [], []
+    for _ in range(o.max_iters):
+        fz = p.fixed_point_map(z)
+        r = z - fz
+        objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z - mu)
+        improved = objective < best_f
+        best_f = torch.where(improved, objective, best_f)
+        best_rel = torch.where(improved, p.relative(r), best_rel)
+        best_fz = torch.where(per_sample(improved, z), fz, best_fz)
+        history.append(float(best_rel.max()))
+        if converged(best_rel, o.tol):
+            z = best_fz
+            break
+        if not bool(improved.all()):  # overshoot: safe step from the best iterate
+            z, zs, gs = best_fz, [], []
+            continue
+        zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]
+        if len(zs) > 1:
+            z = multisecant_step(zs, gs, o.ridge)
+            d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
+            slope = (batch_dot(d_r, d_z) / batch_dot(d_z, d_z).clamp_min(1e-30)).clamp(low, high)
+        else:
+            z = z - r / per_sample(slope, z)
+    p.carry["data_variance"] = p.data_variance(p.gain(slope))
+    return _result(z, history, len(history), o.tol)
+
+
+def solve_gnri_paper(p: StepProblem, o: SolverOptions) -> StepResult:
+    """Guided Newton-Raphson as the paper writes it, on the scalar objective
+
+        F(z) = ||r(z)||_1 + lambda * G(z),  G = ||z - mu|| (/ beta in the DDIM form)
+
+    with the Newton update distributed over the D coordinates,
+
+        z_j <- z_j - (1/D) * F(z) / (dF/dz_j + eta),
+
+    where eta keeps the sign of dF/dz_j (a floor on the denominator). Returns
+    f(z_best), z_best the iterate with the lowest F (as the reference code does).
+    With step control the step restarts from the best iterate and halves whenever
+    F did not decrease.
+    """
+    mu, g_scale = _guidance(p, o)
+    dim = p.z_prev[0].numel()
+    batch = p.z_prev.shape[0]
+    best_f = torch.full((batch,), float("inf"), device=p.z_prev.device)
+    best_z, best_fz, best_grad = p.z_prev, p.z_prev, torch.ones_like(p.z_prev)
+    best_rel = torch.full((batch,), float("inf"), device=p.z_prev.device)
+    step_scale = torch.ones(batch, device=p.z_prev.device)
+    z, history = p.z_prev, []
+    for _ in range(o.max_iters):
+        objective, grad, r, fz = _objective_and_gradient(p, o, z, mu, g_scale)
+        relative = p.relative(r)
+        improved = objective < best_f
+        keep = per_sample(improved, z)
+        best_f = torch.where(improved, objective, best_f)
+        best_rel = torch.where(improved, relative, best_rel)
+        best_z, best_fz = torch.where(keep, z, best_z), torch.where(keep, fz, best_fz)
+        best_grad = torch.where(keep, grad, best_grad)
+        history.append(float(best_rel.max()))
+        if converged(best_rel, o.tol):
+            break
+        if o.step_control:
+            step_scale = torch.where(improved, step_scale, 0.5 * step_scale)
+            z0, f0, g0 = best_z, best_f, best_grad
+        else:
+            z0, f0, g0 = z, objective, grad
+        denominator = g0 + o.eta * torch.where(g0 >= 0, 1.0, -1.0)
+        z = z0 - per_sample(step_scale * f0 / dim, z0) / denominator
+    return _result(best_fz, history, len(history), o.tol)
+
+
+def solve_newton(p: StepProblem, o: SolverOptions) -> StepResult:
+    """Unguided Newton-Raphson: GNRI with lambda = 0 (F = ||r||_1)."""
+    return solve_gnri(p, replace(o, lam=0.0))
+
+
+SOLVERS = {
+    "ddim": solve_ddim,
+    "fixed_point": solve_fixed_point,
+    "anderson": solve_anderson,
+    "renoise": solve_renoise,
+    "newton": solve_newton,
+    "gnri": solve_gnri,
+}
+
+# Per-method defaults (max_iters is the model-call budget per step).
+DEFAULTS = {
+    "ddim": SolverOptions(max_iters=1),
+    "fixed_point": SolverOptions(max_iters=10),
+    "anderson": SolverOptions(max_iters=10),
+    "renoise": SolverOptions(max_iters=9),
+    "newton": SolverOptions(max_iters=2),
+    "gnri": SolverOptions(max_iters=4),
+}

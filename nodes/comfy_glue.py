@@ -1,0 +1,187 @@
+"""Where ComfyUI meets the core: the KSAMPLER subclass, the inverted-noise NOISE
+object, model-family detection and input checks. No math lives here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+from ..gnri_core import InversionInputError, InversionResult, check_method, sample_guided_nr, sigmas_ascend
+
+
+def model_family(model) -> str:
+    """'eps' (EPS, V-prediction, EDM) or 'flow' (CONST) from the model's sampling object."""
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        return "flow"
+    if isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(
+            sampling, comfy.model_sampling.IMG_TO_IMG):
+        return "eps"
+    raise InversionInputError(
+        f"model: its sampling type {type(sampling).__name__} is not supported; "
+        "expected an EPS, V-prediction or flow (CONST) model")
+
+
+def family_of_sampling(model_sampling) -> str:
+    return "flow" if isinstance(model_sampling, comfy.model_sampling.CONST) else "eps"
+
+
+def check_latent_for_model(model, latent: dict, name: str = "latent") -> torch.Tensor:
+    """The latent's samples, after checking channels against the model and finiteness."""
+    samples = latent["samples"]
+    expected = model.get_model_object("latent_format").latent_channels
+    if samples.ndim < 4 or samples.shape[1] != expected:
+        shape = tuple(samples.shape)
+        raise InversionInputError(
+            f"{name}: has shape {shape} ({shape[1] if samples.ndim > 1 else '?'} channels) but this "
+            f"model expects {expected} latent channels; encode the image with this model's VAE")
+    if not torch.isfinite(samples).all():
+        raise InversionInputError(f"{name}: contains NaN or inf values")
+    return samples
+
+
+def schedule(model, steps: int, scheduler: str, sigmas: Optional[torch.Tensor]) -> torch.Tensor:
+    """Ascending sigmas for inversion: the SIGMAS input (either direction) or the
+    model's ``scheduler`` schedule with ``steps`` steps, flipped."""
+    if sigmas is not None:
+        sigmas = sigmas.float().cpu().flatten()
+        if len(sigmas) >= 2 and not sigmas_ascend(sigmas):
+            sigmas = sigmas.flip(0)
+        return sigmas
+    if steps < 1:
+        raise InversionInputError(f"steps: must be >= 1, got {steps}")
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise InversionInputError(f"scheduler: unknown {scheduler!r}; expected one of "
+                                  f"{comfy.samplers.SCHEDULER_NAMES}")
+    sampling = model.get_model_object("model_sampling")
+    return comfy.samplers.calculate_sigmas(sampling, scheduler, steps).float().cpu().flip(0)
+
+
+class GuidedNRKSampler(comfy.samplers.KSAMPLER):
+    """KSAMPLER for ``gnri_core.sample_guided_nr`` that hands latents over exactly.
+
+    Ascending sigmas (inversion): starts from the clean latent itself and skips
+    ``inverse_noise_scaling`` (which divides by 1 - sigma and gives inf at sigma = 1
+    on flow models). Descending sigmas with zero noise: the latent is taken as the
+    sample at sigmas[0] (ComfyUI would scale it by 1 - sigma on flow models).
+    """
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        sampling = model_wrap.inner_model.model_sampling
+        options = dict(self.extra_options, family=family_of_sampling(sampling),
+                       check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+        if latent_image is None:
+            latent_image = torch.zeros_like(noise)
+        if sigmas_ascend(sigmas) or not torch.count_nonzero(noise):
+            x = latent_image.clone()
+        else:
+            x = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        total = len(sigmas) - 1
+        k_callback = None if callback is None else (
+            lambda d: callback(d["i"], d["denoised"], d["x"], total))
+        return sample_guided_nr(model_k, x, sigmas, extra_args=extra_args, callback=k_callback,
+                                disable=disable_pbar, **options)
+
+
+def guided_nr_sampler(method: str, result_sink: Optional[list] = None, **options) -> GuidedNRKSampler:
+    check_method(method)
+    return GuidedNRKSampler(sample_guided_nr, extra_options=dict(
+        options, method=method, result_sink=result_sink))
+
+
+@dataclass
+class Inversion:
+    """The INVERSION object: what the editing nodes need to regenerate and edit.
+
+    ``result.trajectory`` holds latents in the model's space (after
+    ``process_latent_in``), ``sigmas`` ascend, ``latent_format`` converts back.
+    """
+
+    result: InversionResult
+    family: str
+    latent_shape: tuple
+    model_name: str
+    latent_format: object
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return self.result.sigmas
+
+
+class InvertedNoise:
+    """NOISE for SamplerCustomAdvanced: chosen so that ComfyUI's own ``noise_scaling``
+    of the given latent at the schedule's first sigma lands exactly on the inverted
+    latent z_N (for any latent_image, including the source latent or an empty one)."""
+
+    def __init__(self, noise: torch.Tensor, sigma_top: float, model_sampling, latent_format):
+        self.seed = 0
+        self.noise = noise
+        self.sigma_top = sigma_top
+        self.model_sampling = model_sampling
+        self.latent_format = latent_format
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = input_latent["samples"].float().cpu()
+        if samples.shape != self.noise.shape:
+            raise InversionInputError(
+                f"latent_image: shape {tuple(samples.shape)} differs from the inverted latent "
+                f"{tuple(self.noise.shape)}; use the latent that was inverted (or an empty one of its size)")
+        if torch.count_nonzero(samples) > 0:  # CFGGuider shifts non-empty latents only
+            samples = self.latent_format.process_in(samples)
+        sampling = self.model_sampling
+        sigma = torch.tensor([self.sigma_top])
+        max_denoise = float(sampling.sigma_max) <= self.sigma_top * (1 + 1e-5)
+        offset = sampling.noise_scaling(sigma, torch.zeros_like(samples), samples, max_denoise)
+        gain = sampling.noise_scaling(sigma, torch.ones_like(samples), torch.zeros_like(samples), max_denoise)
+        return (self.noise.cpu() - offset) / gain
+
+
+def zero_conditioning(conditioning: list) -> list:
+    """The conditioning with its tensors zeroed (ComfyUI's ConditioningZeroOut)."""
+    zeroed = []
+    for tensor, extras in conditioning:
+        extras = dict(extras)
+        if extras.get("pooled_output") is not None:
+            extras["pooled_output"] = torch.zeros_like(extras["pooled_output"])
+        zeroed.append([torch.zeros_like(tensor), extras])
+    return zeroed
+
+
+def progress_callback(steps: int):
+    bar = comfy.utils.ProgressBar(steps)
+    return lambda step, x0, x, total: bar.update_absolute(step + 1, total)
+
+
+def invert_latent(model, positive, negative, latent: dict, sigmas: torch.Tensor, cfg: float,
+                  method: str, **options) -> tuple[dict, Inversion]:
+    """Runs the inversion through ComfyUI's own sampling (conds, patches, CFG, model
+    loading); returns the inverted LATENT (in the latent's space) and the INVERSION."""
+    family = model_family(model)
+    samples = check_latent_for_model(model, latent)
+    if negative is None:
+        negative = zero_conditioning(positive)
+    sink: list = []
+    sampler = guided_nr_sampler(method, result_sink=sink, **options)
+    inverted = comfy.sample.sample_custom(
+        model, torch.zeros_like(samples), cfg, sampler, sigmas, positive, negative, samples,
+        noise_mask=latent.get("noise_mask"), callback=progress_callback(len(sigmas) - 1), seed=0)
+    out = latent.copy()
+    out.pop("noise_mask", None)
+    out["samples"] = inverted
+    inversion = Inversion(result=sink[-1], family=family, latent_shape=tuple(samples.shape),
+                          model_name=type(model.model).__name__,
+                          latent_format=model.get_model_object("latent_format"),
+                          settings=dict(options, method=method, cfg=cfg))
+    return out, inversion

@@ -1,0 +1,115 @@
+"""GNRI Invert and Guided NR Sampler: thin V3 nodes over ``comfy_glue`` and ``gnri_core``."""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io, ui
+
+from ..gnri_core import DEFAULTS, METHODS
+from .comfy_glue import InvertedNoise, guided_nr_sampler, invert_latent, schedule
+
+INVERSION = io.Custom("INVERSION")
+CATEGORY = "sampling/inversion"
+
+METHOD_TOOLTIP = ("gnri: guided Newton-Raphson (default, most exact for its cost); ddim: naive, 1 model "
+                  "call per step; fixed_point, anderson (AIDI), renoise, newton (unguided): baselines")
+
+
+def method_input():
+    return io.Combo.Input("method", options=list(METHODS), default="gnri", tooltip=METHOD_TOOLTIP)
+
+
+def solver_inputs():
+    """Widgets shared by both nodes (named once)."""
+    gnri = DEFAULTS["gnri"]
+    return [
+        io.Int.Input("iterations", default=gnri.max_iters, min=1, max=100,
+                     tooltip="Model calls per inversion step (ddim always uses 1)."),
+        io.Float.Input("tolerance", default=gnri.tol, min=0.0, max=1.0, step=1e-5, round=False,
+                       tooltip="Stop a step early once its relative residual is below this (0: never)."),
+        io.Float.Input("lam", default=gnri.lam, min=0.0, max=100.0, step=0.01, round=False,
+                       display_name="λ (guidance)",
+                       tooltip="GNRI guidance weight: keeps the solution near the forward-process mean."),
+        io.Combo.Input("newton_form", options=list(NEWTON_FORMS), default="secant",
+                       tooltip=("gnri/newton update: secant Jacobian (default); the paper's scalar update "
+                                "with the reference code's detached gradient; or with the gradient "
+                                "through the network (one backward pass per iteration).")),
+    ]
+
+
+NEWTON_FORMS = {
+    "secant": {"update": "secant"},
+    "paper_detached": {"update": "paper", "gradient": "detached"},
+    "paper_autograd": {"update": "paper", "gradient": "autograd"},
+}
+
+
+def solver_options(method: str, iterations: int, tolerance: float, lam: float,
+                   newton_form: str = "secant") -> dict:
+    if method == "ddim":
+        return {}
+    options = {"max_iters": iterations, "tol": tolerance, "lam": lam}
+    if method in ("gnri", "newton"):
+        options.update(NEWTON_FORMS[newton_form])
+    return options
+
+
+class GNRIInvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GNRIInvert",
+            display_name="GNRI Invert",
+            category=CATEGORY,
+            description="Finds the noise from which the deterministic sampler regenerates this latent.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="A prompt describing the image."),
+                io.Latent.Input("latent", tooltip="The VAE-encoded image to invert."),
+                io.Int.Input("steps", default=4, min=1, max=10000),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="simple"),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                method_input(),
+                *solver_inputs(),
+                io.Conditioning.Input("negative", optional=True,
+                                      tooltip="Used when cfg != 1; default: the positive zeroed out."),
+                io.Sigmas.Input("sigmas", optional=True,
+                                tooltip="Overrides steps/scheduler (either direction)."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="inverted_latent"),
+                io.Noise.Output(display_name="noise"),
+                io.Sigmas.Output(display_name="sigmas"),
+                INVERSION.Output(display_name="inversion"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, steps, scheduler, cfg, method, iterations,
+                tolerance, lam, newton_form, negative=None, sigmas=None) -> io.NodeOutput:
+        ascending = schedule(model, steps, scheduler, sigmas)
+        options = solver_options(method, iterations, tolerance, lam, newton_form)
+        inverted, inversion = invert_latent(model, positive, negative, latent, ascending, cfg, method,
+                                            **options)
+        noise = InvertedNoise(inversion.result.noise, float(ascending[-1]),
+                              model.get_model_object("model_sampling"), inversion.latent_format)
+        return io.NodeOutput(inverted, noise, ascending.flip(0), inversion,
+                             ui=ui.PreviewText(inversion.result.summary()))
+
+
+class GuidedNRSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GuidedNRSampler",
+            display_name="Guided NR Sampler",
+            category=CATEGORY,
+            description=("SAMPLER for SamplerCustom(Advanced): inverts on ascending sigmas (FlipSigmas), "
+                         "samples with the matching deterministic Euler/DDIM step on descending sigmas."),
+            inputs=[method_input(), *solver_inputs()],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, method, iterations, tolerance, lam, newton_form) -> io.NodeOutput:
+        options = solver_options(method, iterations, tolerance, lam, newton_form)
+        return io.NodeOutput(guided_nr_sampler(method, **options))
