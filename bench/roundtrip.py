@@ -90,7 +90,7 @@ def main():
                 if family == "flow" and form == "paper_autograd":
                     continue  # ComfyUI's Flux uses in-place ops: no gradient through it
                 out = invert_node.execute(model, positive, latent, steps, "simple", 1.0, method,
-                                          iterations, 0.0, 0.1, form).args
+                                          iterations, 0.0, 0.1, "euler", form).args
                 _, noise, sigmas, inversion = out
                 rec = regenerate(model, positive, noise, latent, sigmas)
                 label = method if method == "ddim" else f"{method} ({form}), {iterations} it"

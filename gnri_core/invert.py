@@ -10,10 +10,11 @@ as a per-batch tensor. ``sigmas`` ascend from the clean level (0, or FlipSigmas'
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .ancestral import ancestral_step, check_noise_maps
 from .errors import InversionInputError
 from .problem import FAMILIES, Denoiser, StepProblem, to_d
 from .result import InversionResult
@@ -63,18 +64,25 @@ def check_sigmas(sigmas: torch.Tensor, ascending: bool, family: Optional[str] = 
 
 def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: str = "gnri",
            family: str = "eps", callback: Optional[Callable[[dict], None]] = None,
-           check_interrupt: Optional[Callable[[], None]] = None, **options) -> InversionResult:
+           check_interrupt: Optional[Callable[[], None]] = None,
+           noise_maps: Optional[Sequence[Optional[torch.Tensor]]] = None, eta: float = 1.0,
+           **options) -> InversionResult:
     """Inverts the deterministic Euler/DDIM sampler from ``x0`` up the ascending ``sigmas``.
 
     Each step solves r(z) = 0 with ``method`` (ddim, fixed_point, anderson, renoise,
     newton, gnri); ``options`` override that method's :data:`DEFAULTS`
     (see :class:`SolverOptions`). ``callback`` gets a dict per step; ``check_interrupt``
     is called before every model call and may raise to stop.
+    With ``noise_maps`` (generation order, see ``ancestral.py``) it inverts Euler-ancestral
+    sampling with those frozen maps and ``eta`` instead.
     """
     method, family = check_method(method), check_family(family)
     check_latent(x0, "x0")
     sigmas = check_sigmas(sigmas, ascending=True, family=family)
     opts = SolverOptions.build(DEFAULTS[method], options)
+    steps = len(sigmas) - 1
+    if noise_maps is not None:
+        check_noise_maps(noise_maps, steps, x0.shape)
     solver = SOLVERS[method]
     denoise = _with_interrupt(denoise, check_interrupt)
 
@@ -83,8 +91,14 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     result = InversionResult(noise=z, trajectory=[z], sigmas=sigmas, method=method, family=family)
     grad_mode = torch.enable_grad() if opts.gradient == "autograd" else torch.no_grad()
     with grad_mode:
-        for i in range(len(sigmas) - 1):
-            problem = StepProblem(denoise, z, float(sigmas[i]), float(sigmas[i + 1]), family,
+        for i in range(steps):
+            target, lower = z, float(sigmas[i])
+            if noise_maps is not None:  # generation step steps-1-i, from sigmas[i+1] to sigmas[i]
+                step = ancestral_step(float(sigmas[i + 1]), lower, family, eta)
+                noise = noise_maps[steps - 1 - i]
+                shift = 0.0 if noise is None else step.noise_scale * noise.float()
+                target, lower = (z - shift) / step.scale, step.sigma_down
+            problem = StepProblem(denoise, target, lower, float(sigmas[i + 1]), family,
                                   model_dtype=x0.dtype, carry=carry)
             step = solver(problem, opts)
             z = step.z.detach()
@@ -105,13 +119,19 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
 
 def reconstruct(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
                 callback: Optional[Callable[[dict], None]] = None,
-                check_interrupt: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """Deterministic Euler/DDIM sampling down the descending ``sigmas`` (ComfyUI ``euler``).
+                check_interrupt: Optional[Callable[[], None]] = None,
+                noise_maps: Optional[Sequence[Optional[torch.Tensor]]] = None, eta: float = 1.0,
+                family: str = "eps") -> torch.Tensor:
+    """Deterministic Euler/DDIM sampling down the descending ``sigmas`` (ComfyUI ``euler``);
+    with ``noise_maps``, Euler-ancestral with those frozen maps (ComfyUI ``euler_ancestral``).
 
     With exact inversion roots this returns the inverted x0.
     """
     check_latent(noise, "noise")
     sigmas = check_sigmas(sigmas, ascending=False)
+    family = check_family(family)
+    if noise_maps is not None:
+        check_noise_maps(noise_maps, len(sigmas) - 1, noise.shape)
     denoise = _with_interrupt(denoise, check_interrupt)
     x = noise.detach().float()
     with torch.no_grad():
@@ -119,7 +139,13 @@ def reconstruct(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             s_in = torch.full((x.shape[0],), sigma, device=x.device)
             denoised = denoise(x.to(noise.dtype), s_in).float()
-            x = x + (sigma_next - sigma) * to_d(x, sigma, denoised)
+            if noise_maps is None:
+                x = x + (sigma_next - sigma) * to_d(x, sigma, denoised)
+            else:
+                step = ancestral_step(sigma, sigma_next, family, eta)
+                x = step.scale * (x + (step.sigma_down - sigma) * to_d(x, sigma, denoised))
+                if noise_maps[i] is not None:
+                    x = x + step.noise_scale * noise_maps[i].float()
             if callback is not None:
                 callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
     return x

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .ancestral import seeded_noise_maps
 from .invert import invert, reconstruct
 
 
@@ -14,13 +15,19 @@ def sigmas_ascend(sigmas: torch.Tensor) -> bool:
 
 def sample_guided_nr(model, x, sigmas, extra_args=None, callback=None, disable=None,
                      method="gnri", family="eps", check_interrupt=None, result_sink=None,
-                     **options):
+                     ancestral=False, eta=1.0, **options):
     """Inverts on ascending sigmas (FlipSigmas) with ``method``; samples with the
     matching deterministic Euler/DDIM step on descending sigmas.
 
-    ``result_sink`` (a list), if given, receives the :class:`InversionResult`.
+    ``ancestral``: Euler-ancestral with the frozen noise maps ComfyUI's
+    ``euler_ancestral`` draws from ``extra_args["seed"]`` (so stock euler_ancestral
+    with the same seed regenerates). ``result_sink`` (a list) receives the
+    :class:`InversionResult`.
     """
     extra_args = {} if extra_args is None else extra_args
+    descending = sigmas.flip(0) if sigmas_ascend(sigmas) else sigmas
+    noise_maps = (seeded_noise_maps(x, descending, family, extra_args.get("seed") or 0, eta)
+                  if ancestral else None)
 
     def denoise(z, sigma):
         return model(z, sigma, **extra_args)
@@ -32,9 +39,9 @@ def sample_guided_nr(model, x, sigmas, extra_args=None, callback=None, disable=N
 
     if sigmas_ascend(sigmas):
         result = invert(denoise, x, sigmas, method=method, family=family, callback=report,
-                        check_interrupt=check_interrupt, **options)
+                        check_interrupt=check_interrupt, noise_maps=noise_maps, eta=eta, **options)
         if result_sink is not None:
             result_sink.append(result)
         return result.noise.to(x.dtype)
-    return reconstruct(denoise, x, sigmas, callback=report,
-                       check_interrupt=check_interrupt).to(x.dtype)
+    return reconstruct(denoise, x, sigmas, callback=report, check_interrupt=check_interrupt,
+                       noise_maps=noise_maps, eta=eta, family=family).to(x.dtype)

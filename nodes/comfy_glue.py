@@ -125,8 +125,8 @@ class InvertedNoise:
     of the given latent at the schedule's first sigma lands exactly on the inverted
     latent z_N (for any latent_image, including the source latent or an empty one)."""
 
-    def __init__(self, noise: torch.Tensor, sigma_top: float, model_sampling, latent_format):
-        self.seed = 0
+    def __init__(self, noise: torch.Tensor, sigma_top: float, model_sampling, latent_format, seed: int = 0):
+        self.seed = seed  # SamplerCustomAdvanced hands it to the sampler (frozen noise maps)
         self.noise = noise
         self.sigma_top = sigma_top
         self.model_sampling = model_sampling
@@ -165,7 +165,7 @@ def progress_callback(steps: int):
 
 
 def invert_latent(model, positive, negative, latent: dict, sigmas: torch.Tensor, cfg: float,
-                  method: str, **options) -> tuple[dict, Inversion]:
+                  method: str, seed: int = 0, **options) -> tuple[dict, Inversion]:
     """Runs the inversion through ComfyUI's own sampling (conds, patches, CFG, model
     loading); returns the inverted LATENT (in the latent's space) and the INVERSION."""
     family = model_family(model)
@@ -176,12 +176,12 @@ def invert_latent(model, positive, negative, latent: dict, sigmas: torch.Tensor,
     sampler = guided_nr_sampler(method, result_sink=sink, **options)
     inverted = comfy.sample.sample_custom(
         model, torch.zeros_like(samples), cfg, sampler, sigmas, positive, negative, samples,
-        noise_mask=latent.get("noise_mask"), callback=progress_callback(len(sigmas) - 1), seed=0)
+        noise_mask=latent.get("noise_mask"), callback=progress_callback(len(sigmas) - 1), seed=seed)
     out = latent.copy()
     out.pop("noise_mask", None)
     out["samples"] = inverted
     inversion = Inversion(result=sink[-1], family=family, latent_shape=tuple(samples.shape),
                           model_name=type(model.model).__name__,
                           latent_format=model.get_model_object("latent_format"),
-                          settings=dict(options, method=method, cfg=cfg))
+                          settings=dict(options, method=method, cfg=cfg, seed=seed))
     return out, inversion

@@ -29,12 +29,18 @@ def solver_inputs():
         io.Float.Input("lam", default=gnri.lam, min=0.0, max=100.0, step=0.01, round=False,
                        display_name="λ (guidance)",
                        tooltip="GNRI guidance weight: keeps the solution near the forward-process mean."),
+        io.Combo.Input("sampler", options=list(SAMPLERS), default="euler",
+                       tooltip=("The sampler that regenerates: euler (deterministic, = DDIM) or euler_ancestral "
+                                "with frozen noise maps (ComfyUI's euler_ancestral with the same noise seed "
+                                "regenerates exactly).")),
         io.Combo.Input("newton_form", options=list(NEWTON_FORMS), default="secant",
                        tooltip=("gnri/newton update: secant Jacobian (default); the paper's scalar update "
                                 "with the reference code's detached gradient; or with the gradient "
                                 "through the network (one backward pass per iteration).")),
     ]
 
+
+SAMPLERS = {"euler": {}, "euler_ancestral": {"ancestral": True}}
 
 NEWTON_FORMS = {
     "secant": {"update": "secant"},
@@ -44,10 +50,10 @@ NEWTON_FORMS = {
 
 
 def solver_options(method: str, iterations: int, tolerance: float, lam: float,
-                   newton_form: str = "secant") -> dict:
+                   sampler: str = "euler", newton_form: str = "secant") -> dict:
     if method == "ddim":
-        return {}
-    options = {"max_iters": iterations, "tol": tolerance, "lam": lam}
+        return dict(SAMPLERS[sampler])
+    options = {"max_iters": iterations, "tol": tolerance, "lam": lam, **SAMPLERS[sampler]}
     if method in ("gnri", "newton"):
         options.update(NEWTON_FORMS[newton_form])
     return options
@@ -70,6 +76,8 @@ class GNRIInvert(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 method_input(),
                 *solver_inputs(),
+                io.Int.Input("noise_seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                             tooltip="Seed of the frozen noise maps (sampler euler_ancestral only)."),
                 io.Conditioning.Input("negative", optional=True,
                                       tooltip="Used when cfg != 1; default: the positive zeroed out."),
                 io.Sigmas.Input("sigmas", optional=True,
@@ -85,13 +93,15 @@ class GNRIInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, cfg, method, iterations,
-                tolerance, lam, newton_form, negative=None, sigmas=None) -> io.NodeOutput:
+                tolerance, lam, sampler, newton_form, noise_seed=0, negative=None,
+                sigmas=None) -> io.NodeOutput:
         ascending = schedule(model, steps, scheduler, sigmas)
-        options = solver_options(method, iterations, tolerance, lam, newton_form)
+        options = solver_options(method, iterations, tolerance, lam, sampler, newton_form)
         inverted, inversion = invert_latent(model, positive, negative, latent, ascending, cfg, method,
-                                            **options)
+                                            seed=noise_seed, **options)
         noise = InvertedNoise(inversion.result.noise, float(ascending[-1]),
-                              model.get_model_object("model_sampling"), inversion.latent_format)
+                              model.get_model_object("model_sampling"), inversion.latent_format,
+                              seed=noise_seed)
         return io.NodeOutput(inverted, noise, ascending.flip(0), inversion,
                              ui=ui.PreviewText(inversion.result.summary()))
 
@@ -110,6 +120,6 @@ class GuidedNRSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, method, iterations, tolerance, lam, newton_form) -> io.NodeOutput:
-        options = solver_options(method, iterations, tolerance, lam, newton_form)
+    def execute(cls, method, iterations, tolerance, lam, sampler, newton_form) -> io.NodeOutput:
+        options = solver_options(method, iterations, tolerance, lam, sampler, newton_form)
         return io.NodeOutput(guided_nr_sampler(method, **options))

@@ -26,7 +26,8 @@ def source_nodes(family: str, batch: int = 1, dtype: str = "fp32", prompt_batch:
 def invert_node(method="gnri", iterations=8, steps=10, **extra) -> dict:
     inputs = {"model": ["model", 0], "positive": ["positive", 0], "latent": ["latent", 0],
               "steps": steps, "scheduler": "simple", "cfg": 1.0, "method": method,
-              "iterations": iterations, "tolerance": 0.0, "lam": 0.1, "newton_form": "secant"}
+              "iterations": iterations, "tolerance": 0.0, "lam": 0.1, "sampler": "euler",
+              "newton_form": "secant", "noise_seed": 0}
     inputs.update(extra)
     return {"class_type": "GNRIInvert", "inputs": inputs}
 
@@ -89,7 +90,7 @@ def test_roundtrip_flipsigmas_samplercustom(executor, family):
               "flip": {"class_type": "FlipSigmas", "inputs": {"sigmas": ["sched", 0]}},
               "nr": {"class_type": "GuidedNRSampler",
                      "inputs": {"method": "gnri", "iterations": 8, "tolerance": 0.0, "lam": 0.1,
-                                "newton_form": "secant"}},
+                                "sampler": "euler", "newton_form": "secant"}},
               "inv": {"class_type": "SamplerCustom",
                       "inputs": {**custom, "sigmas": ["flip", 0], "latent_image": ["latent", 0]}},
               "regen": {"class_type": "SamplerCustom",
@@ -184,6 +185,20 @@ def test_paper_autograd_through_executor(executor):
     assert inversion.result.backward_passes == 8
 
 
+@pytest.mark.parametrize("family", ["eps", "flow"])
+def test_frozen_noise_maps_roundtrip_with_stock_euler_ancestral(executor, family):
+    """Invert Euler-ancestral with frozen noise maps (seed 1234); ComfyUI's stock
+    euler_ancestral with the same noise seed regenerates the input."""
+    prompt = {**source_nodes(family),
+              "invert": invert_node(iterations=10, sampler="euler_ancestral", noise_seed=1234),
+              **regenerate_advanced()}
+    prompt["euler"]["inputs"]["sampler_name"] = "euler_ancestral"
+    gnri = run_stats(executor, prompt)["rel_rms"]
+    prompt["invert"] = invert_node(method="ddim", iterations=1, sampler="euler_ancestral", noise_seed=1234)
+    ddim = run_stats(executor, prompt)["rel_rms"]
+    assert gnri < 1e-2 and gnri < ddim / 10, (gnri, ddim)
+
+
 # ---------------------------------------------------------------- bad input
 
 def assert_node_error(executor, prompt, *words):
@@ -232,7 +247,7 @@ def test_errors_from_node_functions(tiny_eps, tiny_clip, comfy):
     positive = tiny_clip.encode_from_tokens_scheduled(tiny_clip.tokenize("a cat"))
     good = {"samples": torch.randn(1, 4, 16, 16)}
     args = dict(model=tiny_eps, positive=positive, steps=4, scheduler="simple", cfg=1.0, method="gnri",
-                iterations=2, tolerance=0.0, lam=0.1, newton_form="secant")
+                iterations=2, tolerance=0.0, lam=0.1, sampler="euler", newton_form="secant")
     nan = {"samples": good["samples"].clone()}
     nan["samples"][0, 0, 0, 0] = float("nan")
     cases = [
