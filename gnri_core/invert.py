@@ -121,17 +121,23 @@ def reconstruct(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
                 callback: Optional[Callable[[dict], None]] = None,
                 check_interrupt: Optional[Callable[[], None]] = None,
                 noise_maps: Optional[Sequence[Optional[torch.Tensor]]] = None, eta: float = 1.0,
-                family: str = "eps") -> torch.Tensor:
+                family: str = "eps", trajectory: Optional[Sequence[torch.Tensor]] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Deterministic Euler/DDIM sampling down the descending ``sigmas`` (ComfyUI ``euler``);
     with ``noise_maps``, Euler-ancestral with those frozen maps (ComfyUI ``euler_ancestral``).
 
-    With exact inversion roots this returns the inverted x0.
+    With exact inversion roots this returns the inverted x0. With ``trajectory``
+    (latents at each of ``sigmas``, e.g. an inversion's trajectory reversed) and
+    ``mask`` (1 = edit), every step keeps the trajectory's latent outside the mask
+    (TurboEdit, Algorithm 2): the background is preserved exactly.
     """
     check_latent(noise, "noise")
     sigmas = check_sigmas(sigmas, ascending=False)
     family = check_family(family)
     if noise_maps is not None:
         check_noise_maps(noise_maps, len(sigmas) - 1, noise.shape)
+    if trajectory is not None:
+        check_trajectory(trajectory, mask, len(sigmas), noise.shape)
     denoise = _with_interrupt(denoise, check_interrupt)
     x = noise.detach().float()
     with torch.no_grad():
@@ -146,9 +152,23 @@ def reconstruct(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
                 x = step.scale * (x + (step.sigma_down - sigma) * to_d(x, sigma, denoised))
                 if noise_maps[i] is not None:
                     x = x + step.noise_scale * noise_maps[i].float()
+            if trajectory is not None:
+                x = torch.lerp(trajectory[i + 1].to(x.device).float(), x, mask.to(x.device))
             if callback is not None:
                 callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
     return x
+
+
+def check_trajectory(trajectory, mask, length: int, shape) -> None:
+    """A trajectory to blend with needs one latent per sigma and a broadcastable mask."""
+    if len(trajectory) != length:
+        raise InversionInputError(f"trajectory: expected {length} latents (one per sigma), got {len(trajectory)}")
+    if tuple(trajectory[0].shape) != tuple(shape):
+        raise InversionInputError(f"trajectory: latents of shape {tuple(trajectory[0].shape)} do not match "
+                                  f"the noise {tuple(shape)}")
+    if mask is None or torch.broadcast_shapes(mask.shape, shape) != torch.Size(shape):
+        raise InversionInputError(f"mask: shape {None if mask is None else tuple(mask.shape)} does not "
+                                  f"broadcast to the latent {tuple(shape)}")
 
 
 def _with_interrupt(denoise: Denoiser, check_interrupt) -> Denoiser:

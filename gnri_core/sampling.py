@@ -15,14 +15,15 @@ def sigmas_ascend(sigmas: torch.Tensor) -> bool:
 
 def sample_guided_nr(model, x, sigmas, extra_args=None, callback=None, disable=None,
                      method="gnri", family="eps", check_interrupt=None, result_sink=None,
-                     ancestral=False, eta=1.0, **options):
+                     ancestral=False, eta=1.0, trajectory=None, mask=None, **options):
     """Inverts on ascending sigmas (FlipSigmas) with ``method``; samples with the
     matching deterministic Euler/DDIM step on descending sigmas.
 
     ``ancestral``: Euler-ancestral with the frozen noise maps ComfyUI's
     ``euler_ancestral`` draws from ``extra_args["seed"]`` (so stock euler_ancestral
-    with the same seed regenerates). ``result_sink`` (a list) receives the
-    :class:`InversionResult`.
+    with the same seed regenerates). ``trajectory``/``mask`` (descending sampling only):
+    keep the trajectory outside the mask (see ``reconstruct``). ``result_sink`` (a list)
+    receives the :class:`InversionResult`.
     """
     extra_args = {} if extra_args is None else extra_args
     descending = sigmas.flip(0) if sigmas_ascend(sigmas) else sigmas
@@ -44,4 +45,5 @@ def sample_guided_nr(model, x, sigmas, extra_args=None, callback=None, disable=N
             result_sink.append(result)
         return result.noise.to(x.dtype)
     return reconstruct(denoise, x, sigmas, callback=report, check_interrupt=check_interrupt,
-                       noise_maps=noise_maps, eta=eta, family=family).to(x.dtype)
+                       noise_maps=noise_maps, eta=eta, family=family, trajectory=trajectory,
+                       mask=mask).to(x.dtype)

@@ -3,12 +3,13 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .inversion_nodes import GNRIInvert, GuidedNRSampler
+from .edit_nodes import PromptSwapEdit
 
 
 class GNRIExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [GNRIInvert, GuidedNRSampler]
+        return [GNRIInvert, GuidedNRSampler, PromptSwapEdit]
 
 
 async def comfy_entrypoint() -> GNRIExtension:
