@@ -171,7 +171,26 @@ class GNRITestLatentStats:
         return {"ui": {"gnri_stats": [stats], "text": [json.dumps(stats)]}}
 
 
+class GNRITestDecode:
+    """Stand-in for VAEDecode: LATENT -> IMAGE (B, 8h, 8w, 3) from the first three
+    channels (sigmoid, nearest upsampling), so image nodes downstream can run."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    def decode(self, samples):
+        x = samples["samples"][:, :3].float()
+        x = torch.nn.functional.interpolate(x, scale_factor=8, mode="nearest")
+        return (torch.sigmoid(x).permute(0, 2, 3, 1).contiguous(),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "GNRITestDecode": GNRITestDecode,
     "GNRITestTinyModel": GNRITestTinyModel,
     "GNRITestConditioning": GNRITestConditioning,
     "GNRITestLatent": GNRITestLatent,

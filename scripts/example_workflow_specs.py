@@ -1,0 +1,185 @@
+"""The example workflows, compactly: see ``workflows.py`` (which writes them)."""
+from __future__ import annotations
+
+
+def node(id_, type_, pos, widgets=None, links=None, title=None, size=None):
+    spec = {"id": id_, "type": type_, "pos": pos, "widgets": widgets or {}, "links": links or {}}
+    if title:
+        spec["title"] = title
+    if size:
+        spec["size"] = size
+    return spec
+
+
+def note(id_, pos, text, title="Read me", size=(420, 260)):
+    return {"id": id_, "type": "MarkdownNote", "pos": pos, "text": text, "title": title, "size": size}
+
+
+SOURCE = "a photo of a cat sitting on a wooden table next to a window, soft daylight"
+TARGET = "a photo of a dog sitting on a wooden table next to a window, soft daylight"
+
+GNRI_DEFAULTS = {"cfg": 1.0, "method": "gnri", "iterations": 4, "tolerance": 1e-4, "lam": 0.1,
+                 "sampler": "euler", "newton_form": "secant", "noise_seed": 0}
+
+
+def image_and_prompts(model, clip, vae, x=0):
+    """LoadImage -> VAEEncode, source and target CLIPTextEncode (ids 10-13)."""
+    return [
+        node(10, "LoadImage", [x, 420], {"image": "example.png"}, title="Your photo"),
+        node(11, "VAEEncode", [x + 340, 420], links={"pixels": (10, 0), "vae": vae}),
+        node(12, "CLIPTextEncode", [x + 340, 0], {"text": SOURCE}, {"clip": clip},
+             title="Source prompt (describes the photo)", size=(400, 120)),
+        node(13, "CLIPTextEncode", [x + 340, 180], {"text": TARGET}, {"clip": clip},
+             title="Target prompt (one thing changed)", size=(400, 120)),
+    ]
+
+
+def invert_and_regenerate(model, steps, scheduler, vae, x=800):
+    """GNRIInvert -> SamplerCustomAdvanced(euler) -> VAEDecode -> preview (ids 20-25)."""
+    return [
+        node(20, "GNRIInvert", [x, 0], {**GNRI_DEFAULTS, "steps": steps, "scheduler": scheduler},
+             {"model": model, "positive": (12, 0), "latent": (11, 0)}, size=(340, 400)),
+        node(21, "BasicGuider", [x + 380, 0], links={"model": model, "conditioning": (12, 0)}),
+        node(22, "KSamplerSelect", [x + 380, 120], {"sampler_name": "euler"}),
+        node(23, "SamplerCustomAdvanced", [x + 380, 240],
+             links={"noise": (20, 1), "guider": (21, 0), "sampler": (22, 0), "sigmas": (20, 2),
+                    "latent_image": (11, 0)}, title="Reconstruction (same prompt)"),
+        node(24, "VAEDecode", [x + 720, 240], links={"samples": (23, 0), "vae": vae}),
+        node(25, "PreviewImage", [x + 960, 240], links={"images": (24, 0)}, title="Reconstruction"),
+    ]
+
+
+def edit(model, vae, edit_cfg=1.0, mask=None, x=800):
+    """PromptSwapEdit -> VAEDecode -> SaveImage (ids 30-32)."""
+    links = {"model": model, "inversion": (20, 3), "source": (12, 0), "target": (13, 0)}
+    if mask is not None:
+        links["mask"] = mask
+    return [
+        node(30, "PromptSwapEdit", [x + 380, 520],
+             {"strength": 1.0, "edit_cfg": edit_cfg, "negative_mode": "source", "start_step": 0,
+              "blend_cfg": 0.0}, links, size=(320, 300)),
+        node(31, "VAEDecode", [x + 720, 520], links={"samples": (30, 0), "vae": vae}),
+        node(32, "SaveImage", [x + 960, 520], {"filename_prefix": "gnri_edit"}, {"images": (31, 0)},
+             title="Edited photo"),
+    ]
+
+
+def attention_mask(model, clip, x=800):
+    """AttentionMaskBlend -> mask preview (ids 40-42)."""
+    return [
+        node(40, "AttentionMaskBlend", [x, 560],
+             {"source_prompt": SOURCE, "target_prompt": TARGET},
+             {"model": model, "clip": clip, "inversion": (20, 3)}, size=(340, 360)),
+        node(41, "MaskToImage", [x + 380, 900], links={"mask": (40, 0)}),
+        node(42, "PreviewImage", [x + 620, 900], links={"images": (41, 0)}, title="Edit mask"),
+    ]
+
+
+SD15_NOTE = """## SD1.5 / SD2.1: invert, reconstruct, edit (50-step DDIM-style schedule)
+
+1. **Load Checkpoint**: an SD1.5 or SD2.1 checkpoint (put it in `ComfyUI/models/checkpoints/`).
+2. **Your photo**: load the image (512×512 works best for SD1.5).
+3. **Source prompt**: describe the photo in detail. **Target prompt**: the same words, one thing changed.
+4. Queue: *Reconstruction* shows the regenerated photo (should match the input), *Edited photo* the edit.
+
+GNRI Invert uses 50 steps of `ddim_uniform` (= DDIM). Raise `iterations` for a more exact
+reconstruction; `strength` on Prompt Swap Edit scales the edit (0 = reconstruction)."""
+
+TURBO_NOTE = """## SDXL-Turbo: real-time edit (4 steps)
+
+1. **Load Checkpoint**: `sd_xl_turbo_1.0_fp16.safetensors` in `ComfyUI/models/checkpoints/`.
+2. **Your photo** at 512×512; a detailed **source prompt**; the **target** changes one word.
+3. Queue. GNRI inverts 4 steps × 4 iterations; **Attention Mask Blend** finds where the
+   changed words attend; **Prompt Swap Edit** regenerates with edit cfg 1.2 and keeps
+   everything outside the mask exactly.
+
+Tune: `threshold` of the mask (lower = larger area), `strength` (>1 exaggerates)."""
+
+FLUX_NOTE = """## Flux.1-schnell: real-time edit (4 steps)
+
+1. **Load Diffusion Model**: `flux1-schnell.safetensors` in `ComfyUI/models/diffusion_models/`.
+2. **DualCLIPLoader**: `clip_l.safetensors` + `t5xxl_fp8_e4m3fn.safetensors` (type flux) in `models/text_encoders/`.
+3. **Load VAE**: `ae.safetensors` in `models/vae/`.
+4. Photo at 1024×1024 (or 512²), a detailed source prompt, a target with one change. Queue.
+
+Flow models: regenerate with SamplerCustomAdvanced from the `noise` output (as here);
+ComfyUI's native FlipSigmas inversion returns inf on Flux."""
+
+CHECK_NOTE = """## Reconstruction check: GNRI vs ComfyUI's native inversion
+
+Both invert the photo with the same prompt and 4 `sgm_uniform` steps and regenerate it:
+- top: ComfyUI's native inversion (BasicScheduler → FlipSigmas → SamplerCustom euler),
+- bottom: GNRI Invert → SamplerCustomAdvanced euler.
+The previews show input | native | GNRI, and the absolute differences to the input.
+Use an SDXL-Turbo (or any) checkpoint; for flow models the native path gives inf."""
+
+
+def sd15():
+    model, clip, vae = (1, 0), (1, 1), (1, 2)
+    return [note(2, [-480, 0], SD15_NOTE),
+            node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            *image_and_prompts(model, clip, vae, x=0),
+            *invert_and_regenerate(model, 50, "ddim_uniform", vae),
+            *edit(model, vae)]
+
+
+def turbo():
+    model, clip, vae = (1, 0), (1, 1), (1, 2)
+    return [note(2, [-480, 0], TURBO_NOTE),
+            node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"}),
+            *image_and_prompts(model, clip, vae, x=0),
+            *invert_and_regenerate(model, 4, "sgm_uniform", vae),
+            *attention_mask(model, clip),
+            *edit(model, vae, edit_cfg=1.2, mask=(40, 0))]
+
+
+def flux():
+    model, clip, vae = (1, 0), (3, 0), (4, 0)
+    return [note(2, [-480, 0], FLUX_NOTE),
+            node(1, "UNETLoader", [-480, 300], {"unet_name": "flux1-schnell.safetensors", "weight_dtype": "default"}),
+            node(3, "DualCLIPLoader", [-480, 440], {"clip_name1": "clip_l.safetensors",
+                                                    "clip_name2": "t5xxl_fp8_e4m3fn.safetensors", "type": "flux"}),
+            node(4, "VAELoader", [-480, 620], {"vae_name": "ae.safetensors"}),
+            *image_and_prompts(model, clip, vae, x=0),
+            *invert_and_regenerate(model, 4, "simple", vae),
+            *attention_mask(model, clip),
+            *edit(model, vae, mask=(40, 0))]
+
+
+def reconstruction_check():
+    model, clip, vae = (1, 0), (1, 1), (1, 2)
+    nodes = [note(2, [-480, 0], CHECK_NOTE),
+             node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"}),
+             *image_and_prompts(model, clip, vae, x=0)[:3],
+             *invert_and_regenerate(model, 4, "sgm_uniform", vae)[:5]]
+    custom = {"add_noise": False, "noise_seed": 0, "cfg": 1.0}
+    nodes += [
+        node(50, "BasicScheduler", [800, -420], {"scheduler": "sgm_uniform", "steps": 4, "denoise": 1.0},
+             {"model": model}),
+        node(51, "FlipSigmas", [1140, -420], links={"sigmas": (50, 0)}),
+        node(52, "SamplerCustom", [1380, -520], custom,
+             {"model": model, "positive": (12, 0), "negative": (12, 0), "sampler": (22, 0),
+              "sigmas": (51, 0), "latent_image": (11, 0)}, title="Native inversion (FlipSigmas)"),
+        node(53, "SamplerCustom", [1720, -520], custom,
+             {"model": model, "positive": (12, 0), "negative": (12, 0), "sampler": (22, 0),
+              "sigmas": (50, 0), "latent_image": (52, 0)}, title="Native reconstruction"),
+        node(54, "VAEDecode", [2060, -520], links={"samples": (53, 0), "vae": vae}),
+        node(60, "ImageBatch", [2300, -200], links={"image1": (10, 0), "image2": (54, 0)}),
+        node(61, "ImageBatch", [2540, -200], links={"image1": (60, 0), "image2": (24, 0)}),
+        node(62, "PreviewImage", [2780, -200], links={"images": (61, 0)}, title="input | native | GNRI"),
+        node(63, "ImageBlend", [2300, 200], {"blend_factor": 1.0, "blend_mode": "difference"},
+             {"image1": (10, 0), "image2": (54, 0)}, title="|input - native|"),
+        node(64, "ImageBlend", [2300, 420], {"blend_factor": 1.0, "blend_mode": "difference"},
+             {"image1": (10, 0), "image2": (24, 0)}, title="|input - GNRI|"),
+        node(65, "ImageBatch", [2540, 300], links={"image1": (63, 0), "image2": (64, 0)}),
+        node(66, "PreviewImage", [2780, 300], links={"images": (65, 0)}, title="differences: native | GNRI"),
+    ]
+    return nodes
+
+
+WORKFLOWS = {
+    "gnri_sd15_invert_reconstruct_edit.json": (sd15(), {"gnri_test_family": "eps"}),
+    "gnri_sdxl_turbo_realtime_edit.json": (turbo(), {"gnri_test_family": "eps"}),
+    "gnri_flux_schnell_realtime_edit.json": (flux(), {"gnri_test_family": "flow"}),
+    "gnri_reconstruction_check.json": (reconstruction_check(), {"gnri_test_family": "eps"}),
+}
