@@ -10,9 +10,10 @@ from comfy_api.latest import io
 
 from ..gnri_core import InversionInputError
 from .comfy_glue import Inversion, guided_nr_sampler, model_family, zero_conditioning
-from .inversion_nodes import CATEGORY, INVERSION
+from .inversion_nodes import CATEGORY, INVERSION, choice
 
-NEGATIVES = ("source", "empty")
+NEGATIVES = {"source": lambda source, target: source,
+             "empty": lambda source, target: zero_conditioning(target)}
 
 
 def interpolate_conditioning(source: list, target: list, strength: float) -> list:
@@ -93,7 +94,7 @@ def prompt_swap_edit(model, inversion: Inversion, source, target, strength: floa
     elif start_step == steps:
         edited = source
     if negative is None:
-        negative = source if negative_mode == "source" else zero_conditioning(target)
+        negative = choice(NEGATIVES, negative_mode, "negative_mode")(source, target)
     options = {k: v for k, v in inversion.settings.items() if k in ("ancestral", "eta")}
     cfg = edit_cfg
     if mask is not None:

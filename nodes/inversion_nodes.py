@@ -4,7 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io, ui
 
-from ..gnri_core import DEFAULTS, METHODS
+from ..gnri_core import DEFAULTS, METHODS, InversionInputError
 from .comfy_glue import InvertedNoise, guided_nr_sampler, invert_latent, schedule
 
 INVERSION = io.Custom("INVERSION")
@@ -12,6 +12,15 @@ CATEGORY = "sampling/inversion"
 
 METHOD_TOOLTIP = ("gnri: guided Newton-Raphson (default, most exact for its cost); ddim: naive, 1 model "
                   "call per step; fixed_point, anderson (AIDI), renoise, newton (unguided): baselines")
+
+
+SAMPLERS = {"euler": {}, "euler_ancestral": {"ancestral": True}}
+
+NEWTON_FORMS = {
+    "secant": {"update": "secant"},
+    "paper_detached": {"update": "paper", "gradient": "detached"},
+    "paper_autograd": {"update": "paper", "gradient": "autograd"},
+}
 
 
 def method_input():
@@ -40,22 +49,19 @@ def solver_inputs():
     ]
 
 
-SAMPLERS = {"euler": {}, "euler_ancestral": {"ancestral": True}}
-
-NEWTON_FORMS = {
-    "secant": {"update": "secant"},
-    "paper_detached": {"update": "paper", "gradient": "detached"},
-    "paper_autograd": {"update": "paper", "gradient": "autograd"},
-}
+def choice(table: dict, value: str, name: str) -> dict:
+    if value not in table:
+        raise InversionInputError(f"{name}: unknown {value!r}; expected one of {list(table)}")
+    return table[value]
 
 
 def solver_options(method: str, iterations: int, tolerance: float, lam: float,
                    sampler: str = "euler", newton_form: str = "secant") -> dict:
-    if method == "ddim":
-        return dict(SAMPLERS[sampler])
-    options = {"max_iters": iterations, "tol": tolerance, "lam": lam, **SAMPLERS[sampler]}
+    options = dict(choice(SAMPLERS, sampler, "sampler"))
+    if method != "ddim":
+        options.update(max_iters=iterations, tol=tolerance, lam=lam)
     if method in ("gnri", "newton"):
-        options.update(NEWTON_FORMS[newton_form])
+        options.update(choice(NEWTON_FORMS, newton_form, "newton_form"))
     return options
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 from test_nodes import FAMILIES, invert_node, run_stats, source_nodes
 
 
