@@ -108,8 +108,7 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
             result.iterations.append(step.iterations)
             result.codes.append(step.code)
             result.histories.append(step.history)
-            if method in ("gnri", "newton") and opts.gradient == "autograd":
-                result.backward_passes += step.iterations
+            result.backward_passes += step.backward_passes
             if callback is not None:
                 callback({"i": i, "x": z, "sigma": sigmas[i + 1], "nfe": result.nfe,
                           "iterations": step.iterations, "residual": step.residual})
@@ -166,7 +165,11 @@ def check_trajectory(trajectory, mask, length: int, shape) -> None:
     if tuple(trajectory[0].shape) != tuple(shape):
         raise InversionInputError(f"trajectory: latents of shape {tuple(trajectory[0].shape)} do not match "
                                   f"the noise {tuple(shape)}")
-    if mask is None or torch.broadcast_shapes(mask.shape, shape) != torch.Size(shape):
+    try:
+        fits = mask is not None and torch.broadcast_shapes(mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
         raise InversionInputError(f"mask: shape {None if mask is None else tuple(mask.shape)} does not "
                                   f"broadcast to the latent {tuple(shape)}")
 

@@ -25,6 +25,7 @@ class StepResult:
     residual: float
     code: str
     history: tuple[float, ...] = ()
+    backward_passes: int = 0
 
 
 @dataclass

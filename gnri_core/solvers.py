@@ -1,8 +1,10 @@
 """Per-step root finders for r(z) = z - f(z) = 0 (see ``problem.py``).
 
 Every solver is ``solve_x(problem, options) -> StepResult``, starts from
-z^0 = z_prev, spends one model call per iteration, and returns the map f applied
-to its best evaluated iterate (so K iterations cost exactly K model calls).
+z^0 = z_prev and spends one model call per iteration (K iterations cost exactly K
+model calls). Fixed-point, ReNoise and GNRI (paper) return f of their last/best
+evaluated iterate; Anderson returns its last mixed iterate (as AIDI does); GNRI
+(secant) returns its last Newton step only where the last iterate was accepted.
 """
 from __future__ import annotations
 
@@ -128,15 +130,21 @@ def solve_anderson(p: StepProblem, o: SolverOptions) -> StepResult:
     return _result(z, history, len(history), o.tol)
 
 
-def multisecant_step(zs: list, gs: list, ridge: float) -> torch.Tensor:
+def multisecant_step(zs: list, gs: list, ridge: float, valid=None) -> torch.Tensor:
     """Anderson type-II mixing = multisecant quasi-Newton step for g(z) = f(z) - z = 0.
 
     With differences dG, dZ over the history: gamma = argmin ||g_k - dG gamma||
-    (ridge-regularised), z_{k+1} = z_k + g_k - (dZ + dG) gamma. Per batch element.
+    (ridge-regularised), z_{k+1} = z_k + g_k - (dZ + dG) gamma. Per batch element;
+    ``valid`` (B,) counts the usable latest history entries of each element (older
+    differences are ignored; with none left the step is z + g, the fixed-point step).
     """
     z, g = zs[-1], gs[-1]
     d_g = torch.stack([(b - a).flatten(1) for a, b in zip(gs, gs[1:])], dim=2)  # (B, N, m)
     d_z = torch.stack([(b - a).flatten(1) for a, b in zip(zs, zs[1:])], dim=2)
+    if valid is not None:
+        columns = torch.arange(d_g.shape[2], device=d_g.device)
+        usable = (columns >= d_g.shape[2] - (valid - 1).clamp_min(0).view(-1, 1)).to(d_g.dtype)
+        d_g, d_z = d_g * usable.unsqueeze(1), d_z * usable.unsqueeze(1)
     gram = d_g.transpose(1, 2) @ d_g
     scale = ridge * gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
     gram = gram + scale.view(-1, 1, 1) * torch.eye(gram.shape[1], device=gram.device)
@@ -197,16 +205,24 @@ def solve_gnri(p: StepProblem, o: SolverOptions) -> StepResult:
     return (solve_gnri_secant if o.update == "secant" else solve_gnri_paper)(p, o)
 
 
+NONMONOTONE = 10.0  # GNRI secant keeps iterating from iterates with F < 10 * F_best
+GUIDE_RADIUS = 3.0  # ... and trusts an unevaluated step within 3 sqrt(beta D) of mu
+
+
 def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     """GNRI with a secant Jacobian: Newton-Raphson z <- z - J^-1 r(z) on the residual,
 
         J = dr/dz = (sigma/sigma') I + (h/sigma') dD/dz,
 
-    where J is modelled as a * I with the scalar slope a predicted from the
-    previous step's measured denoiser gain (Gaussian-data model, ``denoiser_gain``)
-    and, once two iterates exist, replaced by the multisecant (Anderson type-II)
-    estimate. Guidance F = ||r||_1 + lambda * G(z) ranks the iterates: a step that
-    raised F restarts from the best iterate with the safe fixed-point step.
+    with J modelled as a * I, the scalar slope a predicted from the previous step's
+    measured denoiser gain (Gaussian-data model, ``denoiser_gain``); once two iterates
+    exist J comes from the multisecant (Anderson type-II) estimate. Guidance
+    F = ||r||_1 + lambda * G(z) ranks the iterates per sample: an iterate whose F exceeds
+    ``NONMONOTONE`` times the best is rejected and its sample restarts from the best
+    iterate with the safe fixed-point step (a non-monotone safeguard: hard steps may need
+    to climb before they converge). Returns the last Newton step where the last iterate
+    was accepted and the step stays in distribution (||z - mu|| <= 3 sqrt(beta D), the
+    forward process q(z' | z_prev) = N(mu, beta) rarely goes further), else f(z_best).
     """
     mu, g_scale = _guidance(p, o)
     low, high = p.slope_bounds()
@@ -214,34 +230,41 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     if variance is None:  # first step: the latent's own second moment
         variance = p.z_prev.flatten(1).pow(2).mean(1)
     slope = p.slope(p.denoiser_gain(variance)).clamp(low, high)
-    batch = p.z_prev.shape[0]
-    best_f = torch.full((batch,), float("inf"), device=p.z_prev.device)
-    best_fz = p.z_prev
-    best_rel = best_f.clone()
+    batch, device = p.z_prev.shape[0], p.z_prev.device
+    best_f = torch.full((batch,), float("inf"), device=device)
+    best_rel, best_fz = best_f.clone(), p.z_prev
+    valid = torch.zeros(batch, dtype=torch.long, device=device)
+    accepted = improved = torch.ones(batch, dtype=torch.bool, device=device)
     z, zs, gs, history = p.z_prev, [], [], []
     for _ in range(o.max_iters):
         fz = p.fixed_point_map(z)
         r = z - fz
         objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z - mu)
         improved = objective < best_f
+        accepted = objective < best_f * NONMONOTONE
         best_f = torch.where(improved, objective, best_f)
         best_rel = torch.where(improved, p.relative(r), best_rel)
         best_fz = torch.where(per_sample(improved, z), fz, best_fz)
         history.append(float(best_rel.max()))
         if converged(best_rel, o.tol):
-            z = best_fz
+            accepted = torch.zeros_like(accepted)
             break
-        if not bool(improved.all()):  # overshoot: safe step from the best iterate
-            z, zs, gs = best_fz, [], []
-            continue
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]
-        if len(zs) > 1:
-            z = multisecant_step(zs, gs, o.ridge)
+        valid = (valid + 1).clamp_max(len(zs))
+        step = per_sample(torch.where(valid > 1, 1.0, 1.0 / slope), z)
+        newton = multisecant_step(zs, gs, o.ridge, valid) if len(zs) > 1 else z - step * r
+        newton = torch.where(per_sample(valid > 1, z), newton, z - step * r)
+        if len(zs) > 1:  # the secant slope along the last step, for the next sigma's prior
             d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
-            slope = (batch_dot(d_r, d_z) / batch_dot(d_z, d_z).clamp_min(1e-30)).clamp(low, high)
-        else:
-            z = z - r / per_sample(slope, z)
+            secant = (batch_dot(d_r, d_z) / batch_dot(d_z, d_z).clamp_min(1e-30)).clamp(low, high)
+            slope = torch.where(valid > 1, secant, slope)
+        z = torch.where(per_sample(accepted, z), newton, best_fz)
+        valid = torch.where(accepted, valid, 0)
+        slope = torch.where(accepted, slope, torch.ones_like(slope))  # after a restart: safe step
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
+    _, beta = p.guidance_mean_var()
+    plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
+    z = torch.where(per_sample(accepted & plausible, z), z, best_fz)
     return _result(z, history, len(history), o.tol)
 
 
@@ -286,7 +309,8 @@ def solve_gnri_paper(p: StepProblem, o: SolverOptions) -> StepResult:
             z0, f0, g0 = z, objective, grad
         denominator = g0 + o.eta * torch.where(g0 >= 0, 1.0, -1.0)
         z = z0 - per_sample(step_scale * f0 / dim, z0) / denominator
-    return _result(best_fz, history, len(history), o.tol)
+    result = _result(best_fz, history, len(history), o.tol)
+    return replace(result, backward_passes=len(history) if o.gradient == "autograd" else 0)
 
 
 def solve_newton(p: StepProblem, o: SolverOptions) -> StepResult:
