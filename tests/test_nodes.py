@@ -268,3 +268,14 @@ def test_errors_from_node_functions(tiny_eps, tiny_clip, comfy):
     odd.add_object_patch("model_sampling", Unsupported())
     with pytest.raises(InversionInputError, match="model: its sampling type"):
         glue.model_family(odd)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("family", FAMILIES)
+def test_roundtrip_through_http_server(comfy_server, family):
+    """The same round trip queued over HTTP on 127.0.0.1: stats come back in /history."""
+    prompt = {**source_nodes(family), "invert": invert_node(), **regenerate_advanced()}
+    entry = comfy_server.run(prompt, timeout=120)
+    stats = entry["outputs"]["stats"]["gnri_stats"][0]
+    assert stats["finite"] and stats["rel_rms"] < 1e-3, stats
+    assert "model calls" in " ".join(map(str, entry["outputs"]["invert"]["text"]))
