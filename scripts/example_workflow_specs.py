@@ -69,7 +69,8 @@ def attention_mask(model, clip, x=800):
     return [
         node(40, "AttentionMaskBlend", [x, 560],
              {"source_prompt": SOURCE, "target_prompt": TARGET},
-             {"model": model, "clip": clip, "inversion": (20, 3)}, size=(340, 360)),
+             {"model": model, "clip": clip, "inversion": (20, 3), "source": (12, 0), "target": (13, 0)},
+             size=(340, 360)),
         node(41, "MaskToImage", [x + 380, 900], links={"mask": (40, 0)}),
         node(42, "PreviewImage", [x + 620, 900], links={"images": (41, 0)}, title="Edit mask"),
     ]
