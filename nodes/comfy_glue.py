@@ -29,6 +29,16 @@ def model_family(model) -> str:
         "expected an EPS, V-prediction or flow (CONST) model")
 
 
+PREDICTIONS = ("IMG_TO_IMG", "X0", "EDM", "V_PREDICTION", "CONST", "EPS")  # subclasses first
+
+
+def prediction_type(model) -> str:
+    """The model's prediction type (ComfyUI builds its sampling class dynamically)."""
+    sampling = model.get_model_object("model_sampling")
+    return next((name for name in PREDICTIONS if hasattr(comfy.model_sampling, name)
+                 and isinstance(sampling, getattr(comfy.model_sampling, name))), type(sampling).__name__)
+
+
 def family_of_sampling(model_sampling) -> str:
     return "flow" if isinstance(model_sampling, comfy.model_sampling.CONST) else "eps"
 
@@ -114,6 +124,7 @@ class Inversion:
     model_name: str
     latent_format: object
     settings: dict = field(default_factory=dict)
+    prediction: str = ""  # the model's sampling class (EPS, V_PREDICTION, CONST, ...)
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -182,6 +193,7 @@ def invert_latent(model, positive, negative, latent: dict, sigmas: torch.Tensor,
     out["samples"] = inverted
     inversion = Inversion(result=sink[-1], family=family, latent_shape=tuple(samples.shape),
                           model_name=type(model.model).__name__,
+                          prediction=prediction_type(model),
                           latent_format=model.get_model_object("latent_format"),
                           settings=dict(options, method=method, cfg=cfg, seed=seed))
     return out, inversion

@@ -9,7 +9,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..gnri_core import InversionInputError
-from .comfy_glue import Inversion, guided_nr_sampler, model_family, zero_conditioning
+from .comfy_glue import Inversion, guided_nr_sampler, model_family, prediction_type, zero_conditioning
 from .inversion_nodes import CATEGORY, INVERSION, choice
 
 NEGATIVES = {"source": lambda source, target: source,
@@ -62,6 +62,11 @@ def check_inversion_for_model(model, inversion: Inversion) -> None:
         raise InversionInputError(
             f"inversion: made with a {inversion.family} model, but this model is {family}; "
             "use the model that inverted the image")
+    prediction = prediction_type(model)
+    if inversion.prediction and prediction != inversion.prediction:
+        raise InversionInputError(
+            f"inversion: made with a model that predicts {inversion.prediction}, but this model "
+            f"predicts {prediction}; use the model that inverted the image")
     channels = model.get_model_object("latent_format").latent_channels
     if inversion.latent_shape[1] != channels:
         raise InversionInputError(

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 
+SMALL = {"VAEDecode", "VAEEncode", "ImageBatch", "MaskToImage", "FlipSigmas", "KSamplerSelect",
+         "BasicGuider"}
+
+
 def node(id_, type_, pos, widgets=None, links=None, title=None, size=None):
     spec = {"id": id_, "type": type_, "pos": pos, "widgets": widgets or {}, "links": links or {}}
     if title:
         spec["title"] = title
-    if size:
-        spec["size"] = size
+    spec["size"] = size or ((220, 60) if type_ in SMALL else (320, 160))
     return spec
 
 

@@ -93,6 +93,12 @@ def test_edit_errors(executor):
     prompt["edit"]["inputs"]["model"] = ["eps_model", 0]
     with pytest.raises(PromptExecutionError, match="inversion: made with a flow model"):
         executor.run(prompt)
+    # an INVERSION of an EPS model given to a V-prediction model of the same shape
+    prompt = edit_prompt("eps", strength=0.0)
+    prompt["v_model"] = {"class_type": "GNRITestTinyModel", "inputs": {"family": "v", "dtype": "fp32", "seed": 0}}
+    prompt["edit"]["inputs"]["model"] = ["v_model", 0]
+    with pytest.raises(PromptExecutionError, match="predicts"):
+        executor.run(prompt)
     # a batch of 2 masks for a batch-3 latent
     prompt = {**edit_prompt("eps", mask=["masks", 0]), **mask_nodes(),
               "mask_image": {"class_type": "MaskToImage", "inputs": {"mask": ["mask", 0]}},
