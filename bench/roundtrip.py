@@ -5,6 +5,9 @@ euler from the NOISE output, and compare with ComfyUI's native inversion
 
     python -m bench.roundtrip            # prints a markdown table
 
+(Kept as a quick check through the GNRI Invert node itself; the benchmark proper is
+``python -m bench``, see bench/run.py.)
+
 Reports the relative reconstruction error ||x_rec - x|| / ||x|| of the latent and
 the model calls of the inversion. Random tiny models: harder to invert than trained
 ones (not contractive), so the numbers rank methods, they do not predict photo PSNR.
@@ -93,7 +96,8 @@ def main():
                                           iterations, 0.0, 0.1, "euler", form).args
                 _, noise, sigmas, inversion = out
                 rec = regenerate(model, positive, noise, latent, sigmas)
-                label = method if method == "ddim" else f"{method} ({form}), {iterations} it"
+                label = (method if method == "ddim" else f"{method} ({form}), {iterations} it"
+                         if method in ("gnri", "newton") else f"{method}, {iterations} it")
                 rows.append((family, steps, label, inversion.result.nfe,
                              relative_error(rec, latent["samples"])))
     print("| family | steps | method | model calls | relative error |")

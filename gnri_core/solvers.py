@@ -20,6 +20,7 @@ from .result import CONVERGED, MAX_ITERS, SINGLE_STEP, StepResult
 GRADIENTS = ("detached", "autograd")
 GUIDANCE_FORMS = ("euler", "ddim")
 UPDATES = ("secant", "paper")
+PREDICTORS = ("euler", "none")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class SolverOptions:
     window:           Anderson history length m.
     ridge:            Anderson least-squares regularisation (relative to the Gram trace).
     renoise_average:  ReNoise: how many of the last derivative estimates to average.
+    predictor:        GNRI secant, first iterate of a step: "euler" (default) the explicit
+                      Euler / native DDIM step z_prev + h (z_prev - D_b) / sigma, with D_b the
+                      denoiser output at the previous step's best evaluated iterate (no extra
+                      model call; dropped when its residual exceeds its move); "none": z_prev.
     """
 
     max_iters: int = 2
@@ -53,6 +58,7 @@ class SolverOptions:
     window: int = 3
     ridge: float = 1e-6
     renoise_average: int = 3
+    predictor: str = "euler"
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
@@ -66,6 +72,8 @@ class SolverOptions:
             raise InversionInputError(f"guidance must be one of {GUIDANCE_FORMS}, got {self.guidance!r}")
         if self.update not in UPDATES:
             raise InversionInputError(f"update must be one of {UPDATES}, got {self.update!r}")
+        if self.predictor not in PREDICTORS:
+            raise InversionInputError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if int(self.window) < 1 or int(self.renoise_average) < 1:
             raise InversionInputError("window and renoise_average must be >= 1")
         return self
@@ -236,16 +244,30 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     valid = torch.zeros(batch, dtype=torch.long, device=device)
     accepted = improved = torch.ones(batch, dtype=torch.bool, device=device)
     z, zs, gs, history = p.z_prev, [], [], []
+    last = p.carry.get("last_eval")  # the previous step's best evaluated iterate (at sigma)
+    predicted = (o.predictor == "euler" and last is not None
+                 and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
+    if predicted:  # explicit Euler (native DDIM) step, D taken from the previous step
+        z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
+    best_z, best_d = p.z_prev, None
     for _ in range(o.max_iters):
-        fz = p.fixed_point_map(z)
+        denoised = p.denoised(z)
+        fz = p.fixed_point_map(z, denoised)
         r = z - fz
         objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z - mu)
-        improved = objective < best_f
-        accepted = objective < best_f * NONMONOTONE
+        reject = torch.zeros(batch, dtype=torch.bool, device=device)
+        if predicted:  # it moved z_prev by about r(z_prev): a larger residual made things worse
+            predicted = False
+            if o.max_iters > 1:
+                reject = batch_norm2(r) > batch_norm2(z - p.z_prev)
+        improved = (objective < best_f) & ~reject
+        accepted = (objective < best_f * NONMONOTONE) & ~reject
         best_f = torch.where(improved, objective, best_f)
         best_rel = torch.where(improved, p.relative(r), best_rel)
         best_fz = torch.where(per_sample(improved, z), fz, best_fz)
-        history.append(float(best_rel.max()))
+        best_z = torch.where(per_sample(improved, z), z, best_z)
+        best_d = denoised if best_d is None else torch.where(per_sample(improved, z), denoised, best_d)
+        history.append(float(torch.where(reject, p.relative(r), best_rel).max()))
         if converged(best_rel, o.tol):
             accepted = torch.zeros_like(accepted)
             break
@@ -258,10 +280,11 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
             secant = (batch_dot(d_r, d_z) / batch_dot(d_z, d_z).clamp_min(1e-30)).clamp(low, high)
             slope = torch.where(valid > 1, secant, slope)
-        z = torch.where(per_sample(accepted, z), newton, best_fz)
+        z = torch.where(per_sample(accepted, z), newton, best_fz)  # a rejected predictor: z_prev
         valid = torch.where(accepted, valid, 0)
-        slope = torch.where(accepted, slope, torch.ones_like(slope))  # after a restart: safe step
+        slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
+    p.carry["last_eval"] = {"sigma": p.sigma_next, "z": best_z, "denoised": best_d}
     _, beta = p.guidance_mean_var()
     plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
     z = torch.where(per_sample(accepted & plausible, z), z, best_fz)

@@ -1,0 +1,52 @@
+"""Smoke test of the benchmark (``python -m bench --smoke``: ``--quick`` on its smallest
+case) and of ``--gpu`` refusing to run without CUDA. The benchmark itself is not part of
+CI; it is run by hand (see README, "How exact, for how many model calls")."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import comfy_env
+import pytest
+
+ROOT = comfy_env.REPO_ROOT
+
+
+def run_bench(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("--smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## 2 model calls per step, every case" in proc.stdout
+    assert "| photo eps 4 gen0 |" in proc.stdout and "| tiny eps 4 gen |" in proc.stdout
+    for name in ("results.md", "results.json", "psnr_vs_calls.png", "noise_error_vs_calls.png",
+                 "residual_vs_iteration.png"):
+        assert (out / name).is_file(), name
+    records = json.loads((out / "results.json").read_text())["records"]
+    by_method = {(r["model"], r["method"]): r for r in records}
+    # every method ran on both models; 4 steps x 2 calls for the iterative ones, 4 for the naive ones
+    for model in ("photo", "tiny"):
+        assert by_method[(model, "ddim")]["nfe"] == 4
+        assert by_method[(model, "native")]["nfe"] == 4
+        assert by_method[(model, "gnri")]["nfe"] == 8
+        assert by_method[(model, "anderson")]["nfe"] == 8
+    assert by_method[("tiny", "gnri_autograd")]["backward"] == 8
+    # the exact noise is known for generated images; the photo model's default beats naive inversion
+    photo_gnri, photo_ddim = by_method[("photo", "gnri")], by_method[("photo", "ddim")]
+    assert photo_gnri["noise_err"] is not None and photo_gnri["noise_err"] < photo_ddim["noise_err"]
+    assert photo_gnri["psnr"] > photo_ddim["psnr"]
+    assert 0 < by_method[("tiny", "gnri")]["mem_ratio"] < 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: --gpu would run")
+def test_bench_gpu_needs_cuda():
+    proc = run_bench("--gpu", timeout=120)
+    assert proc.returncode == 2
+    assert "needs a CUDA GPU" in proc.stderr
