@@ -212,7 +212,7 @@ def main(args=None) -> int:
     import torch
 
     from . import variants
-    variants.register(pack.gnri_core)  # the prototype, unless the core already has it
+    variants.register(pack.gnri_core)  # the default and its no-predictor variant
     device = "CPU dry run (tiny configs)" if dry else torch.cuda.get_device_name(0)
     rows = []
     for kind, title in (("sdxl", "SDXL UNet (SDXL-Turbo), 512×512, fp16"),
