@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .methods import DDIM, Spec, core_options
+from .methods import Spec, core_options, relative_to_naive
 
 PROMPT = "a photo of a cat on a sofa"
 
@@ -181,12 +181,7 @@ def run(pack, cases, specs, budgets, progress, repeat=1):
                     record["input"] = name
                     rows.append(record)
                     progress.update(1)
-            base = next(r for r in rows if r["method"] == DDIM.key)
-            for r in rows:
-                r["time_ratio"] = r["time_s"] / base["time_s"]
-                if "mem_bytes" in r and base.get("mem_bytes"):
-                    r["mem_ratio"] = r["mem_bytes"] / base["mem_bytes"]
-                yield r
+            yield from relative_to_naive(rows)
 
 
 def count(cases, specs, budgets) -> int:

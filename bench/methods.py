@@ -46,6 +46,16 @@ def add_spec(spec: Spec) -> None:
         BY_KEY[spec.key] = spec
 
 
+def relative_to_naive(rows: list) -> list:
+    """Adds time and memory ratios to naive inversion (``ddim``) of the same case."""
+    base = next(r for r in rows if r["method"] == DDIM.key)
+    for r in rows:
+        r["time_ratio"] = r["time_s"] / base["time_s"]
+        if "mem_bytes" in r and base.get("mem_bytes"):
+            r["mem_ratio"] = r["mem_bytes"] / base["mem_bytes"]
+    return rows
+
+
 def core_options(spec: Spec, budget: int) -> dict:
     if spec.method == "ddim":
         return {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .methods import DDIM, NATIVE, Spec, core_options, native_inversion
+from .methods import DDIM, NATIVE, Spec, core_options, native_inversion, relative_to_naive
 from .photo_model import PhotoMixture, heldout_photo
 
 
@@ -110,12 +110,7 @@ def run(core, cases, specs, budgets, sampling, progress, size=32, repeat=1, memo
                     record["true_noise_stats"] = truth
                     rows.append(record)
                     progress.update(1)
-            base = next(r for r in rows if r["method"] == DDIM.key)
-            for r in rows:
-                r["time_ratio"] = r["time_s"] / base["time_s"]
-                if "mem_bytes" in r and base.get("mem_bytes"):
-                    r["mem_ratio"] = r["mem_bytes"] / base["mem_bytes"]
-                yield r
+            yield from relative_to_naive(rows)
 
 
 def count(cases, specs, budgets) -> int:
