@@ -249,7 +249,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
                  and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
     if predicted:  # explicit Euler (native DDIM) step, D taken from the previous step
         z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
-    best_z, best_d = p.z_prev, None
+    best_d = None
     for _ in range(o.max_iters):
         denoised = p.denoised(z)
         fz = p.fixed_point_map(z, denoised)
@@ -265,7 +265,6 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         best_f = torch.where(improved, objective, best_f)
         best_rel = torch.where(improved, p.relative(r), best_rel)
         best_fz = torch.where(per_sample(improved, z), fz, best_fz)
-        best_z = torch.where(per_sample(improved, z), z, best_z)
         best_d = denoised if best_d is None else torch.where(per_sample(improved, z), denoised, best_d)
         history.append(float(torch.where(reject, p.relative(r), best_rel).max()))
         if converged(best_rel, o.tol):
@@ -273,9 +272,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             break
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]
         valid = (valid + 1).clamp_max(len(zs))
-        step = per_sample(torch.where(valid > 1, 1.0, 1.0 / slope), z)
-        newton = multisecant_step(zs, gs, o.ridge, valid) if len(zs) > 1 else z - step * r
-        newton = torch.where(per_sample(valid > 1, z), newton, z - step * r)
+        single = z - r / per_sample(slope, z)  # Newton with the scalar slope
+        newton = multisecant_step(zs, gs, o.ridge, valid) if len(zs) > 1 else single
+        newton = torch.where(per_sample(valid > 1, z), newton, single)
         if len(zs) > 1:  # the secant slope along the last step, for the next sigma's prior
             d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
             secant = (batch_dot(d_r, d_z) / batch_dot(d_z, d_z).clamp_min(1e-30)).clamp(low, high)
@@ -284,7 +283,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         valid = torch.where(accepted, valid, 0)
         slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
-    p.carry["last_eval"] = {"sigma": p.sigma_next, "z": best_z, "denoised": best_d}
+    p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": best_d}
     _, beta = p.guidance_mean_var()
     plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
     z = torch.where(per_sample(accepted & plausible, z), z, best_fz)
