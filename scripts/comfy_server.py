@@ -1,5 +1,6 @@
 """A real ComfyUI server subprocess and a small HTTP client for it (used by
-``scripts/demo.py``; the tests have their own in ``tests/conftest.py``).
+``scripts/demo.py``, and by the tests through ``tests/conftest.py``, which only swaps
+in its own error types).
 
     server = ComfyServer.start(comfyui_path, base_dir, custom_nodes={"ComfyUI-GNRI": REPO_ROOT})
     entry = server.run(prompt)          # POST /prompt, poll /history
@@ -41,17 +42,24 @@ class PromptFailed(RuntimeError):
         self.details = details or {}
 
 
+class ServerError(RuntimeError):
+    """The server process exited or did not come up."""
+
+
 class ComfyServer:
+    CLIENT_PREFIX = "gnri-"
+
     def __init__(self, process: subprocess.Popen, base_url: str, base_dir: str, log_path: str):
         self.process = process
         self.base_url = base_url
         self.base_dir = base_dir
         self.log_path = log_path
-        self.client_id = "gnri-" + uuid.uuid4().hex[:8]
+        self.client_id = self.CLIENT_PREFIX + uuid.uuid4().hex[:8]
 
     @classmethod
     def launch(cls, comfyui_path: str, base_dir: str, custom_nodes: dict[str, str], port: int | None = None,
-               extra_args: list[str] | None = None, cpu: bool | None = None) -> ComfyServer:
+               extra_args: list[str] | None = None, cpu: bool | None = None,
+               preexec_fn=None) -> ComfyServer:
         """Start ``main.py`` on 127.0.0.1 with ``base_dir`` as its base directory and only
         ``custom_nodes`` ({folder name: path}, symlinked into base_dir/custom_nodes) loaded."""
         for sub in ("custom_nodes", "user", "input", "output", "temp", "models"):
@@ -75,7 +83,7 @@ class ComfyServer:
         env.pop("PYTHONPATH", None)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, cwd=comfyui_path, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
+                                    stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec_fn)
         return cls(proc, f"http://127.0.0.1:{port}", base_dir, log_path)
 
     @classmethod
@@ -89,47 +97,79 @@ class ComfyServer:
         return server
 
     def wait_until_ready(self, timeout: float = 120.0) -> None:
+        """Poll /object_info/KSampler until the server answers (nodes are loaded by then)."""
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} during start-up\n{self.log_tail()}")
+                raise ServerError(f"ComfyUI exited with {self.process.returncode} during start-up\n"
+                                  f"{self.log_tail()}")
             try:
                 if requests.get(self.base_url + "/object_info/KSampler", timeout=5).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"ComfyUI did not answer within {timeout} s\n{self.log_tail()}")
+                self.stop()
+                raise ServerError(f"ComfyUI did not answer within {timeout} s\n{self.log_tail()}")
             time.sleep(0.2)
 
+    # -- errors (the tests raise their own types)
+    def rejected(self, data: dict) -> Exception:
+        """The error for a prompt the server refused (HTTP 400 with error/node_errors)."""
+        return PromptFailed(f"prompt rejected: {data}", data)
+
+    def failed(self, event: str, data: dict) -> Exception:
+        """The error for a prompt that ran and failed (an execution_error/interrupted message)."""
+        return PromptFailed(f"{data.get('node_type')} #{data.get('node_id')}: "
+                            f"{data.get('exception_message', event)}", data)
+
     # -- HTTP
-    def queue(self, prompt: dict) -> str:
-        r = requests.post(self.base_url + "/prompt", json={"prompt": prompt, "client_id": self.client_id},
-                          timeout=30)
+    def get(self, path: str, **kw):
+        r = requests.get(self.base_url + path, timeout=kw.pop("timeout", 30), **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        """/object_info (all nodes) or /object_info/<node_class> -> {class: info}."""
+        return self.get("/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self.get(f"/history/{prompt_id}").get(prompt_id)
+
+    def queue(self, prompt: dict, extra_data: dict | None = None) -> str:
+        """POST /prompt; returns the prompt_id (raises ``rejected(...)`` on HTTP 400)."""
+        body = {"prompt": prompt, "client_id": self.client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        r = requests.post(self.base_url + "/prompt", json=body, timeout=30)
         if r.status_code == 400:
-            raise PromptFailed(f"prompt rejected: {r.json()}", r.json())
+            raise self.rejected(r.json())
         r.raise_for_status()
         return r.json()["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
+        """Poll /history until ``prompt_id`` is done; returns its history entry
+        ({"prompt", "outputs": {node_id: ui}, "status": {"status_str", "completed",
+        "messages"}, "meta"}). Does not raise on a failed prompt (see ``run``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            entry = requests.get(f"{self.base_url}/history/{prompt_id}", timeout=30).json().get(prompt_id)
-            if entry is not None:
+            entry = self.history(prompt_id)
+            if entry is not None:  # history entries appear when the prompt is done
                 return entry
             if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited while running the prompt\n{self.log_tail()}")
+                raise ServerError(f"ComfyUI exited ({self.process.returncode}) while running "
+                                  f"{prompt_id}\n{self.log_tail()}")
             time.sleep(0.1)
         raise TimeoutError(f"prompt {prompt_id} not done after {timeout} s\n{self.log_tail()}")
 
     def run(self, prompt: dict, timeout: float = 300.0) -> dict:
+        """queue + wait; raises ``failed(...)`` if the prompt failed; returns the history entry."""
         entry = self.wait(self.queue(prompt), timeout)
         if entry["status"].get("status_str") != "success":
             for event, data in entry["status"].get("messages", []):
                 if event in ("execution_error", "execution_interrupted"):
-                    raise PromptFailed(f"{data.get('node_type')} #{data.get('node_id')}: "
-                                       f"{data.get('exception_message', event)}", data)
-            raise PromptFailed(f"prompt failed: {entry['status']}")
+                    raise self.failed(event, data)
+            raise self.failed("execution_error", {"exception_message": f"prompt failed: {entry['status']}"})
         return entry
 
     def view(self, filename: str, subfolder: str = "", type_: str = "output") -> bytes:

@@ -27,16 +27,16 @@ import asyncio
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
 import comfy_env  # noqa: E402  (first: makes ComfyUI importable)
 import tiny_models
+
+sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))
+from comfy_server import ComfyServer, ServerError  # noqa: E402,F401  (ServerError: for tests)
 
 REPO_ROOT = comfy_env.REPO_ROOT
 TESTING_PACK_DIR = comfy_env.TESTING_PACK_DIR
@@ -323,100 +323,26 @@ def executor(comfy_nodes) -> ComfyExecutor:
 
 # --------------------------------------------------------------------------- HTTP server
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ComfyClient(ComfyServer):
+    """A running ``python main.py`` (real ComfyUI server) and its HTTP client
+    (``scripts/comfy_server.py``), raising the tests' error types."""
 
+    CLIENT_PREFIX = "gnri-tests-"
 
-class ServerError(RuntimeError):
-    pass
+    def rejected(self, data: dict) -> Exception:
+        return PromptValidationError(data.get("error", {}), data.get("node_errors", {}))
 
-
-class ComfyClient:
-    """A running ``python main.py`` (real ComfyUI server) and a small HTTP client for it."""
-
-    def __init__(self, process: subprocess.Popen, base_url: str, base_dir: str, log_path: str):
-        self.process = process
-        self.base_url = base_url
-        self.base_dir = base_dir
-        self.log_path = log_path
-        self.client_id = "gnri-tests-" + uuid.uuid4().hex[:8]
-
-    # -- HTTP
-    def get(self, path: str, **kw):
-        import requests
-
-        r = requests.get(self.base_url + path, timeout=kw.pop("timeout", 30), **kw)
-        r.raise_for_status()
-        return r.json()
-
-    def object_info(self, node_class: str | None = None) -> dict:
-        """/object_info (all nodes) or /object_info/<node_class> -> {class: info}."""
-        return self.get("/object_info" + (f"/{node_class}" if node_class else ""))
-
-    def queue(self, prompt: dict, extra_data: dict | None = None) -> str:
-        """POST /prompt; returns the prompt_id.  Raises PromptValidationError (with
-        ComfyUI's error and node_errors) when the server rejects the prompt."""
-        import requests
-
-        body = {"prompt": prompt, "client_id": self.client_id}
-        if extra_data:
-            body["extra_data"] = extra_data
-        r = requests.post(self.base_url + "/prompt", json=body, timeout=30)
-        if r.status_code == 400:
-            data = r.json()
-            raise PromptValidationError(data.get("error", {}), data.get("node_errors", {}))
-        r.raise_for_status()
-        return r.json()["prompt_id"]
-
-    def history(self, prompt_id: str) -> dict | None:
-        return self.get(f"/history/{prompt_id}").get(prompt_id)
+    def failed(self, event: str, data: dict) -> Exception:
+        return PromptExecutionError(data, interrupted=event == "execution_interrupted")
 
     def wait(self, prompt_id: str, timeout: float = 60.0) -> dict:
-        """Poll /history until ``prompt_id`` is done; returns its history entry
-        ({"prompt", "outputs": {node_id: ui}, "status": {"status_str", "completed",
-        "messages"}, "meta"}).  Does not raise on a failed prompt (see ``run``)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entry = self.history(prompt_id)
-            if entry is not None:  # history entries appear when the prompt is done
-                return entry
-            if self.process.poll() is not None:
-                raise ServerError(f"ComfyUI server exited ({self.process.returncode}) while waiting "
-                                  f"for {prompt_id}\n{self.log_tail()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"prompt {prompt_id} not finished after {timeout} s\n{self.log_tail()}")
+        return super().wait(prompt_id, timeout)
 
     def run(self, prompt: dict, timeout: float = 60.0) -> dict:
-        """queue + wait; raises PromptExecutionError if the prompt failed; returns the
-        history entry."""
-        entry = self.wait(self.queue(prompt), timeout)
-        if entry["status"].get("status_str") != "success":
-            for event, data in entry["status"].get("messages", []):
-                if event == "execution_error":
-                    raise PromptExecutionError(data)
-                if event == "execution_interrupted":
-                    raise PromptExecutionError(data, interrupted=True)
-            raise PromptExecutionError({"exception_message": f"prompt failed: {entry['status']}"})
-        return entry
+        return super().run(prompt, timeout)
 
     def log_tail(self, lines: int = 60) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                tail = f.readlines()[-lines:]
-        except OSError as e:
-            return f"(no server log: {e})"
-        return f"--- ComfyUI server log tail ({self.log_path}) ---\n" + "".join(tail)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        return f"--- ComfyUI server log tail ({self.log_path}) ---\n" + super().log_tail(lines)
 
 
 def _die_with_parent():  # Linux: the server gets SIGTERM if pytest dies (CI timeouts, kill -9)
@@ -432,50 +358,14 @@ def _die_with_parent():  # Linux: the server gets SIGTERM if pytest dies (CI tim
 def launch_comfy_server(base_dir: str) -> ComfyClient:
     """Start ComfyUI's main.py (not waiting for it) with the pack and the testing pack
     symlinked into ``base_dir``/custom_nodes; only those two custom node folders load."""
-    for sub in ("custom_nodes", "user", "input", "output", "temp", "models"):
-        os.makedirs(os.path.join(base_dir, sub), exist_ok=True)
     links = {PACK_LINK_NAME: REPO_ROOT, TESTING_PACK_LINK_NAME: TESTING_PACK_DIR}
-    for name, target in links.items():
-        link = os.path.join(base_dir, "custom_nodes", name)
-        if not os.path.lexists(link):
-            os.symlink(target, link, target_is_directory=True)
-    port = _free_port()
-    log_path = os.path.join(base_dir, "comfyui-server.log")
-    cmd = [
-        sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-        "--base-directory", base_dir, "--user-directory", os.path.join(base_dir, "user"),
-        # the default database lives inside the ComfyUI checkout
-        "--database-url", "sqlite:///" + os.path.join(base_dir, "comfyui.db"),
-        "--disable-auto-launch", "--disable-api-nodes",
-        "--disable-all-custom-nodes", "--whitelist-custom-nodes", *links,
-    ]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("PYTHONPATH", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy_env.COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    return ComfyClient(proc, f"http://127.0.0.1:{port}", base_dir, log_path)
+    return ComfyClient.launch(comfy_env.COMFYUI_PATH, base_dir, links, cpu=True,
+                              preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def wait_until_ready(client: ComfyClient, timeout: float = SERVER_START_TIMEOUT) -> ComfyClient:
-    """Poll /object_info/KSampler until the server answers (nodes are loaded by then)."""
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if client.process.poll() is not None:
-            raise ServerError(f"ComfyUI server exited with {client.process.returncode} during start-up\n"
-                              f"{client.log_tail()}")
-        try:
-            if requests.get(client.base_url + "/object_info/KSampler", timeout=5).status_code == 200:
-                return client
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            client.stop()
-            raise ServerError(f"ComfyUI server did not answer within {timeout} s\n{client.log_tail()}")
-        time.sleep(0.2)
+    client.wait_until_ready(timeout)
+    return client
 
 
 def start_comfy_server(base_dir: str, timeout: float = SERVER_START_TIMEOUT) -> ComfyClient:
