@@ -31,7 +31,8 @@ class AncestralStep:
 
 
 def ancestral_step(sigma_from: float, sigma_to: float, family: str, eta: float = 1.0) -> AncestralStep:
-    """Coefficients of one Euler-ancestral step from ``sigma_from`` down to ``sigma_to``."""
+    """Coefficients of one Euler-ancestral step from ``sigma_from`` down to ``sigma_to``
+    (eta 0, or a step to sigma 0: the deterministic Euler step, scale 1, no noise)."""
     if sigma_to <= 0 or eta <= 0:
         return AncestralStep(sigma_to, 1.0, 0.0)
     if family == "flow":

@@ -92,13 +92,12 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     grad_mode = torch.enable_grad() if opts.gradient == "autograd" else torch.no_grad()
     with grad_mode:
         for i in range(steps):
-            target, lower = z, float(sigmas[i])
-            if noise_maps is not None:  # generation step steps-1-i, from sigmas[i+1] to sigmas[i]
-                step = ancestral_step(float(sigmas[i + 1]), lower, family, eta)
-                noise = noise_maps[steps - 1 - i]
-                shift = 0.0 if noise is None else step.noise_scale * noise.float()
-                target, lower = (z - shift) / step.scale, step.sigma_down
-            problem = StepProblem(denoise, target, lower, float(sigmas[i + 1]), family,
+            # generation step steps-1-i, from sigmas[i+1] down to sigmas[i] (eta 0: plain Euler)
+            ancestral = ancestral_step(float(sigmas[i + 1]), float(sigmas[i]), family,
+                                       eta if noise_maps is not None else 0.0)
+            noise = None if noise_maps is None else noise_maps[steps - 1 - i]
+            target = z if noise is None else (z - ancestral.noise_scale * noise.float()) / ancestral.scale
+            problem = StepProblem(denoise, target, ancestral.sigma_down, float(sigmas[i + 1]), family,
                                   model_dtype=x0.dtype, carry=carry)
             step = solver(problem, opts)
             z = step.z.detach()
@@ -144,13 +143,10 @@ def reconstruct(denoise: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor,
             sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
             s_in = torch.full((x.shape[0],), sigma, device=x.device)
             denoised = denoise(x.to(noise.dtype), s_in).float()
-            if noise_maps is None:
-                x = x + (sigma_next - sigma) * to_d(x, sigma, denoised)
-            else:
-                step = ancestral_step(sigma, sigma_next, family, eta)
-                x = step.scale * (x + (step.sigma_down - sigma) * to_d(x, sigma, denoised))
-                if noise_maps[i] is not None:
-                    x = x + step.noise_scale * noise_maps[i].float()
+            step = ancestral_step(sigma, sigma_next, family, eta if noise_maps is not None else 0.0)
+            x = step.scale * (x + (step.sigma_down - sigma) * to_d(x, sigma, denoised))
+            if noise_maps is not None and noise_maps[i] is not None:
+                x = x + step.noise_scale * noise_maps[i].float()
             if trajectory is not None:
                 x = torch.lerp(trajectory[i + 1].to(x.device).float(), x, mask.to(x.device))
             if callback is not None:

@@ -17,16 +17,17 @@ from ..gnri_core import InversionInputError, InversionResult, check_method, samp
 
 
 def model_family(model) -> str:
-    """'eps' (EPS, V-prediction, EDM) or 'flow' (CONST) from the model's sampling object."""
+    """'eps' (EPS, V-prediction, EDM) or 'flow' (CONST) from the model's sampling object;
+    other sampling types are rejected."""
     sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, comfy.model_sampling.CONST):
-        return "flow"
-    if isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(
-            sampling, comfy.model_sampling.IMG_TO_IMG):
-        return "eps"
-    raise InversionInputError(
-        f"model: its sampling type {type(sampling).__name__} is not supported; "
-        "expected an EPS, V-prediction or flow (CONST) model")
+    supported = isinstance(sampling, comfy.model_sampling.CONST) or (
+        isinstance(sampling, comfy.model_sampling.EPS)
+        and not isinstance(sampling, comfy.model_sampling.IMG_TO_IMG))
+    if not supported:
+        raise InversionInputError(
+            f"model: its sampling type {type(sampling).__name__} is not supported; "
+            "expected an EPS, V-prediction or flow (CONST) model")
+    return family_of_sampling(sampling)
 
 
 PREDICTIONS = ("IMG_TO_IMG", "X0", "EDM", "V_PREDICTION", "CONST", "EPS")  # subclasses first
