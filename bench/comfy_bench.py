@@ -159,7 +159,7 @@ def run_one(pack, model, clock, positive, family, spec: Spec, budget, x0, noise_
     return record
 
 
-def run(pack, cases, specs, budgets, progress, repeat=1):
+def run(pack, cases, specs, budgets, progress, repeat=1, extra=None):
     import comfy.samplers
     setups = {}
     for case in cases:
@@ -174,7 +174,7 @@ def run(pack, cases, specs, budgets, progress, repeat=1):
             for spec in specs:
                 if spec.autograd and case.family == "flow":
                     continue  # ComfyUI's Flux uses in-place ops: no gradient through it
-                for budget in (budgets if spec.iterative else [1]):
+                for budget in spec_budgets(spec, budgets, extra):
                     progress.set_postfix_str(f"tiny {case.family} {case.steps} {name} {spec.key} {budget}")
                     record = run_one(pack, model, clock, positive, case.family, spec, budget, x0,
                                      noise_ref, sigmas, index == 0 and budget in (1, 2), repeat)
@@ -184,11 +184,18 @@ def run(pack, cases, specs, budgets, progress, repeat=1):
             yield from relative_to_naive(rows)
 
 
-def count(cases, specs, budgets) -> int:
+def spec_budgets(spec: Spec, budgets, extra=None) -> list:
+    """The budgets a method runs at: ``budgets`` plus ``extra[spec.key]`` (one-call methods: 1)."""
+    if not spec.iterative:
+        return [1]
+    return sorted(set(budgets) | set((extra or {}).get(spec.key, ())))
+
+
+def count(cases, specs, budgets, extra=None) -> int:
     total = 0
     for c in cases:
         for s in specs:
             if s.autograd and c.family == "flow":
                 continue
-            total += len(c.inputs) * (len(budgets) if s.iterative else 1)
+            total += len(c.inputs) * len(spec_budgets(s, budgets, extra))
     return total

@@ -261,10 +261,10 @@ def write_plots(records, specs, out_dir, budgets):
     return [p for p in paths if p]
 
 
-def default_check(records, specs, key, budget=2):
+def default_check(records, specs, key, budget=2, rank=True):
     """How ``key`` fares at ``budget`` calls/step in every case: rank among all methods at
-    that budget (noise error where known, else PSNR) and whether its PSNR is below the
-    better of the two naive inversions (ddim, ComfyUI native)."""
+    that budget (noise error where known, else PSNR; left out with ``rank=False``) and
+    whether its PSNR is below the better of the two naive inversions (ddim, ComfyUI native)."""
     table = at_budget(records, budget)
     label = next((s.label for s in specs if s.key == key), key)
     first, worse, rows = 0, [], 0
@@ -279,8 +279,8 @@ def default_check(records, specs, key, budget=2):
         naive = max(v["psnr"] for m, v in rows_.items() if m in ("ddim", "native") and math.isfinite(v["psnr"]))
         if rows_[key]["psnr"] < naive - 0.05:
             worse.append(f"{case_name(case)} ({rows_[key]['psnr']:.1f} vs {naive:.1f} dB)")
-    text = (f"**{label}** at {budget} calls/step: most exact in {first}/{rows} cases; "
-            f"below naive inversion (best of ddim and ComfyUI's) in {len(worse)}/{rows}")
+    text = (f"**{label}** at {budget} calls/step: " + (f"most exact in {first}/{rows} cases; " if rank else "")
+            + f"below naive inversion (best of ddim and ComfyUI's) in {len(worse)}/{rows}")
     return text + (": " + "; ".join(worse) if worse else "") + "."
 
 

@@ -26,7 +26,7 @@ FULL = dict(photo_families=("eps", "flow"), photo_steps=(4, 10, 50),
             budgets=(1, 2, 3, 4, 6, 8), tiny_families=("eps", "v", "flow"), tiny_steps=(4, 10, 50),
             tiny_inputs=("gen", "random"), tiny_budgets=(2,), repeat=2, photo_repeat=1)
 QUICK = dict(photo_families=("eps", "flow"), photo_steps=(4, 10), photo_inputs=("gen0", "chelsea"),
-             budgets=(1, 2, 4), tiny_families=("eps", "v", "flow"), tiny_steps=(4,),
+             budgets=(1, 2, 3, 4), tiny_families=("eps", "v", "flow"), tiny_steps=(4,),
              tiny_inputs=("gen",), tiny_budgets=(2,), repeat=1, photo_repeat=1)
 SMOKE = dict(photo_families=("eps",), photo_steps=(4,), photo_inputs=("gen0",), budgets=(2,),
              tiny_families=("eps",), tiny_steps=(4,), tiny_inputs=("gen",), tiny_budgets=(2,), repeat=1,
@@ -77,8 +77,10 @@ def main(argv=None):
                    for f in config["photo_families"] for n in config["photo_steps"]]
     tiny_cases = [] if args.no_tiny else [comfy_bench.TinyCase(f, n, config["tiny_inputs"])
                                            for f in config["tiny_families"] for n in config["tiny_steps"]]
+    default_budget = core.DEFAULTS["gnri"].max_iters  # checked on every case, tiny ones too
+    extra = {"gnri": (default_budget,)}
     total = (photo_bench.count(photo_cases, specs, config["budgets"])
-             + comfy_bench.count(tiny_cases, specs, config["tiny_budgets"]))
+             + comfy_bench.count(tiny_cases, specs, config["tiny_budgets"], extra))
     sampling = photo_bench.model_samplings()
     records = []
     with torch.inference_mode(False), tqdm(total=total, desc=f"bench ({mode})", unit="run",
@@ -86,7 +88,7 @@ def main(argv=None):
         records += list(photo_bench.run(core, photo_cases, specs, config["budgets"], sampling, bar,
                                         repeat=config["photo_repeat"]))
         records += list(comfy_bench.run(pack, tiny_cases, specs, config["tiny_budgets"], bar,
-                                        repeat=config["repeat"]))
+                                        repeat=config["repeat"], extra=extra))
     elapsed = time.perf_counter() - t_start
 
     from .metrics import geomean
@@ -94,7 +96,7 @@ def main(argv=None):
         hs = r.pop("histories", [])
         length = max((len(h) for h in hs), default=0)
         r["history"] = [geomean([h[k] for h in hs if len(h) > k]) for k in range(length)]
-    meta = {"mode": mode, "seconds": round(elapsed, 1), "command": command(mode),
+    meta = {"mode": mode, "seconds": round(elapsed, 1), "command": command(mode), "default_budget": default_budget,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version()}
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -177,6 +179,10 @@ def markdown(records, specs, config, meta, plots, out):
     for key in CHECKED:
         if any(r["method"] == key for r in records):
             parts += [report.default_check(records, specs, key, budget), ""]
+    default_budget = meta.get("default_budget")
+    if default_budget and default_budget != budget and default_budget in config["budgets"]:
+        parts += [report.default_check(records, specs, "gnri", default_budget, rank=False)
+                  + f" ({default_budget} calls/step is the default `iterations`.)", ""]
     for p in plots:
         parts.append(f"![{os.path.basename(p)}]({os.path.relpath(p, out)})")
     return "\n".join(parts) + "\n"

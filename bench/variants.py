@@ -1,6 +1,6 @@
 """Variants measured beside the core's default: the secant GNRI without its Euler
-predictor (``SolverOptions.predictor = "none"``, the core's form as of commit a367079),
-so the benchmark shows what the predictor contributes."""
+predictor (``SolverOptions.predictor = "none"``: every step starts from z_prev), so the
+benchmark shows what the predictor contributes."""
 from __future__ import annotations
 
 from .methods import BY_KEY, SPECS, Spec, add_spec
@@ -12,5 +12,5 @@ def register(core) -> None:
     i = SPECS.index(BY_KEY["gnri"])
     SPECS[i] = BY_KEY["gnri"] = Spec("gnri", "gnri secant + Euler predictor (default)", "gnri",
                                      {"update": "secant"})
-    add_spec(Spec("gnri_nopred", "gnri secant, no predictor (a367079)", "gnri",
+    add_spec(Spec("gnri_nopred", "gnri secant, no predictor", "gnri",
                   {"update": "secant", "predictor": "none"}))

@@ -114,14 +114,21 @@ class StepProblem:
     def data_variance(self, gain: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`denoiser_gain`: the c that explains a measured gain."""
         s = self.sigma_next
-        gain = gain.clamp(1e-4, 1 - 1e-4)
+        gain = gain.clamp(1e-4, (1 - 1e-4) * self.max_gain())
         if self.family == "flow":
             return gain * s ** 2 / ((1 - s) * (1 - gain * (1 - s))).clamp_min(1e-8)
         return gain * s ** 2 / (1 - gain)
 
+    def max_gain(self) -> float:
+        """Sup of dD/dz over data variances: 1 (EPS), 1 / (1 - sigma') (flow: D undoes the 1 - sigma' scaling)."""
+        if self.family == "flow":
+            return 1.0 / max(1.0 - self.sigma_next, 1e-6)
+        return 1.0
+
     def slope_bounds(self) -> tuple[float, float]:
-        """dr/dz = sigma/sigma' + (h/sigma') dD/dz lies in [sigma/sigma', 1] when 0 <= dD/dz <= 1."""
-        return max(self.sigma / self.sigma_next, 1e-2), 1.0
+        """dr/dz = sigma/sigma' + (h/sigma') dD/dz for 0 <= dD/dz <= max_gain: noise directions
+        have slope sigma/sigma', content directions 1 (EPS) or (1 - sigma)/(1 - sigma') (flow)."""
+        return max(self.sigma / self.sigma_next, 1e-2), float(self.slope(self.max_gain()))
 
     def slope(self, gain: torch.Tensor) -> torch.Tensor:
         """dr/dz for a denoiser gain dD/dz."""

@@ -42,9 +42,11 @@ class SolverOptions:
     ridge:            Anderson least-squares regularisation (relative to the Gram trace).
     renoise_average:  ReNoise: how many of the last derivative estimates to average.
     predictor:        GNRI secant, first iterate of a step: "euler" (default) the explicit
-                      Euler / native DDIM step z_prev + h (z_prev - D_b) / sigma, with D_b the
-                      denoiser output at the previous step's best evaluated iterate (no extra
-                      model call; dropped when its residual exceeds its move); "none": z_prev.
+                      Euler / native DDIM step z_prev + h (z_prev - D_p) / sigma, with D_p the
+                      denoiser output at z_prev estimated by the previous step: its best
+                      evaluated D(z_b) plus g (z_prev - z_b), g its measured gain capped at 1
+                      (no extra model call; dropped when its residual exceeds its move);
+                      "none": z_prev.
     """
 
     max_iters: int = 2
@@ -224,13 +226,18 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
 
     with J modelled as a * I, the scalar slope a predicted from the previous step's
     measured denoiser gain (Gaussian-data model, ``denoiser_gain``); once two iterates
-    exist J comes from the multisecant (Anderson type-II) estimate. Guidance
+    exist J comes from the multisecant (Anderson type-II) estimate. The slope carried to
+    the next step is the secant |dr|^2 / <dr, dz> (Barzilai-Borwein's second form): it
+    weights the directions where r changes most, the content directions (dD/dz near its
+    maximum) whose errors the reconstruction keeps, so the next Newton step overshoots
+    them less than the mean slope <dr, dz> / |dz|^2 would. Guidance
     F = ||r||_1 + lambda * G(z) ranks the iterates per sample: an iterate whose F exceeds
     ``NONMONOTONE`` times the best is rejected and its sample restarts from the best
-    iterate with the safe fixed-point step (a non-monotone safeguard: hard steps may need
-    to climb before they converge). Returns the last Newton step where the last iterate
-    was accepted and the step stays in distribution (||z - mu|| <= 3 sqrt(beta D), the
-    forward process q(z' | z_prev) = N(mu, beta) rarely goes further), else f(z_best).
+    iterate with the fixed-point step, halved for every rejection in a row (a non-monotone
+    safeguard: hard steps may need to climb before they converge). Returns the last Newton
+    step where the last iterate was accepted and the step stays in distribution
+    (||z - mu|| <= 3 sqrt(beta D), the forward process q(z' | z_prev) = N(mu, beta) rarely
+    goes further), else f(z_best).
     """
     mu, g_scale = _guidance(p, o)
     low, high = p.slope_bounds()
@@ -240,11 +247,12 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     slope = p.slope(p.denoiser_gain(variance)).clamp(low, high)
     batch, device = p.z_prev.shape[0], p.z_prev.device
     best_f = torch.full((batch,), float("inf"), device=device)
-    best_rel, best_fz = best_f.clone(), p.z_prev
+    best_rel, best_z, best_fz = best_f.clone(), p.z_prev, p.z_prev
+    damping = torch.ones(batch, device=device)  # restart step length, halved per rejection in a row
     valid = torch.zeros(batch, dtype=torch.long, device=device)
     accepted = improved = torch.ones(batch, dtype=torch.bool, device=device)
     z, zs, gs, history = p.z_prev, [], [], []
-    last = p.carry.get("last_eval")  # the previous step's best evaluated iterate (at sigma)
+    last = p.carry.get("last_eval")  # D(z_prev, sigma), estimated by the previous step
     predicted = (o.predictor == "euler" and last is not None
                  and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
     if predicted:  # explicit Euler (native DDIM) step, D taken from the previous step
@@ -264,6 +272,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         accepted = (objective < best_f * NONMONOTONE) & ~reject
         best_f = torch.where(improved, objective, best_f)
         best_rel = torch.where(improved, p.relative(r), best_rel)
+        best_z = torch.where(per_sample(improved, z), z, best_z)
         best_fz = torch.where(per_sample(improved, z), fz, best_fz)
         best_d = denoised if best_d is None else torch.where(per_sample(improved, z), denoised, best_d)
         history.append(float(torch.where(reject, p.relative(r), best_rel).max()))
@@ -277,16 +286,20 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         newton = torch.where(per_sample(valid > 1, z), newton, single)
         if len(zs) > 1:  # the secant slope along the last step, for the next sigma's prior
             d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
-            secant = (batch_dot(d_r, d_z) / batch_dot(d_z, d_z).clamp_min(1e-30)).clamp(low, high)
+            secant = (batch_dot(d_r, d_r) / batch_dot(d_r, d_z).clamp_min(1e-30)).clamp(low, high)
             slope = torch.where(valid > 1, secant, slope)
-        z = torch.where(per_sample(accepted, z), newton, best_fz)  # a rejected predictor: z_prev
+        restart = best_z + per_sample(damping, z) * (best_fz - best_z)  # a rejected predictor: z_prev
+        z = torch.where(per_sample(accepted, z), newton, restart)
+        damping = torch.where(improved, 1.0, torch.where(accepted, damping, 0.5 * damping))
         valid = torch.where(accepted, valid, 0)
         slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
-    p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": best_d}
     _, beta = p.guidance_mean_var()
     plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
     z = torch.where(per_sample(accepted & plausible, z), z, best_fz)
+    # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
+    denoised_at_z = best_d + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best_z)
+    p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}
     return _result(z, history, len(history), o.tol)
 
 
@@ -356,5 +369,5 @@ DEFAULTS = {
     "anderson": SolverOptions(max_iters=10),
     "renoise": SolverOptions(max_iters=9),
     "newton": SolverOptions(max_iters=2),
-    "gnri": SolverOptions(max_iters=4),
+    "gnri": SolverOptions(max_iters=3),
 }

@@ -45,8 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "gnri_demo.png"), help="PNG to write")
     p.add_argument("--steps", type=int, default=4, help="schedule steps (workflow: 4)")
     p.add_argument("--scheduler", default="sgm_uniform", help="(workflow: sgm_uniform)")
-    p.add_argument("--iterations", type=int, nargs="+", default=[4, 8],
-                   help="GNRI model calls per step, one GNRI branch each (default: 4 = the node's default, and 8)")
+    p.add_argument("--iterations", type=int, nargs="+", default=[3, 8],
+                   help="GNRI model calls per step, one GNRI branch each (default: 3 = the node's default, and 8)")
     p.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8; default 256)")
     p.add_argument("--keep", action="store_true", help="keep the server's temp folder (log, outputs)")
     return p.parse_args(argv)

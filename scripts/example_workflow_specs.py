@@ -21,7 +21,7 @@ def note(id_, pos, text, title="Read me", size=(420, 260)):
 SOURCE = "a photo of a cat sitting on a wooden table next to a window, soft daylight"
 TARGET = "a photo of a dog sitting on a wooden table next to a window, soft daylight"
 
-GNRI_DEFAULTS = {"cfg": 1.0, "method": "gnri", "iterations": 4, "tolerance": 1e-4, "lam": 0.1,
+GNRI_DEFAULTS = {"cfg": 1.0, "method": "gnri", "iterations": 3, "tolerance": 1e-4, "lam": 0.1,
                  "sampler": "euler", "newton_form": "secant", "noise_seed": 0}
 
 
@@ -93,7 +93,7 @@ TURBO_NOTE = """## SDXL-Turbo: real-time edit (4 steps)
 
 1. **Load Checkpoint**: `sd_xl_turbo_1.0_fp16.safetensors` in `ComfyUI/models/checkpoints/`.
 2. **Your photo** at 512×512; a detailed **source prompt**; the **target** changes one word.
-3. Queue. GNRI inverts 4 steps × 4 iterations; **Attention Mask Blend** finds where the
+3. Queue. GNRI inverts 4 steps × 3 iterations; **Attention Mask Blend** finds where the
    changed words attend; **Prompt Swap Edit** regenerates with edit cfg 1.2 and keeps
    everything outside the mask exactly.
 

@@ -450,6 +450,25 @@ def test_anderson_solves_hard_mixture_step(family):
 
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slope_bounds_hold_the_true_jacobian_spectrum(family):
+    """dr/dz of an exact Gaussian denoiser lies in ``slope_bounds`` at every step, data
+    variances up to 1e4 included. On flow models content directions have slopes above 1
+    (D undoes the 1 - sigma scaling; the bound is (1 - sigma)/(1 - sigma')), which a
+    bound of 1 would clamp, making the secant Newton step overshoot them."""
+    from gnri_core.problem import StepProblem
+    den = LinearGaussian(family, c_min=1e-4, c_max=1e4)
+    sigmas = ascending_sigmas(family)
+    highest = 0.0
+    for s, s1 in zip(sigmas[1:-1].tolist(), sigmas[2:].tolist()):
+        p = StepProblem(den, torch.zeros(1, *den.shape), s, s1, family)
+        low, high = p.slope_bounds()
+        spectrum = p.slope(den.gain(torch.tensor([[s1]], dtype=torch.float64)))
+        assert low - 1e-9 <= float(spectrum.min()) and float(spectrum.max()) <= high + 1e-9
+        highest = max(highest, float(spectrum.max()))
+    assert (highest > 1.5) == (family == "flow")
+
+
 @pytest.mark.parametrize("method", ["gnri", "newton"])
 def test_returned_latent_not_worse_than_reported(method):
     """(Anderson, a baseline, returns its last mixed iterate unevaluated, as AIDI does.)"""

@@ -28,11 +28,11 @@ def test_demo_reconstruction_check_through_the_server(comfy_server, tmp_path):
     from PIL import Image
 
     source = demo.write_input(os.path.join(comfy_server.base_dir, "input"), 128)
-    rows, recons = demo.run_check(comfy_server, 4, "sgm_uniform", [4, 8])
-    native, gnri4, gnri8 = rows
-    assert (native["calls"], gnri4["calls"], gnri8["calls"]) == (4, 16, 32)
+    rows, recons = demo.run_check(comfy_server, 4, "sgm_uniform", [3, 8])
+    native, gnri3, gnri8 = rows
+    assert (native["calls"], gnri3["calls"], gnri8["calls"]) == (4, 12, 32)
     assert native["rel_error"] > 0.3                       # naive inversion of a random network
-    assert gnri8["rel_error"] < gnri4["rel_error"] < native["rel_error"] / 2, demo.table(rows)
+    assert gnri8["rel_error"] < gnri3["rel_error"] < native["rel_error"] / 2, demo.table(rows)
     assert gnri8["rel_error"] < native["rel_error"] / 10, demo.table(rows)
     assert all(r.shape == source.shape for r in recons)
     out = tmp_path / "demo.png"
