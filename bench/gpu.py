@@ -52,9 +52,9 @@ METHODS = [  # (label, method, options); tol 0: exactly 2 model calls per step
     ("renoise ×2", "renoise", {"max_iters": 2, "tol": 0.0}),
     ("gnri paper, detached ×2", "gnri", {"max_iters": 2, "tol": 0.0, "update": "paper"}),
     ("gnri paper, autograd ×2", "gnri", {"max_iters": 2, "tol": 0.0, "update": "paper", "gradient": "autograd"}),
-    ("gnri secant ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
-    ("gnri + Euler predictor (prototype) ×2", "gnri_pred", {"max_iters": 2, "tol": 0.0}),
-    ("gnri secant ×4 (GNRI Invert's default)", "gnri", {"max_iters": 4}),
+    ("gnri secant, no predictor ×2", "gnri", {"max_iters": 2, "tol": 0.0, "predictor": "none"}),
+    ("gnri (default) ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
+    ("gnri ×3 (GNRI Invert's default)", "gnri", {}),
 ]
 
 

@@ -66,6 +66,22 @@ def test_regeneration_sensitivity_generated_vs_heldout_photo():
     assert worst["gen0"] > 60 and worst["lfw_face"] < 30, worst  # measured 70.3 and 26.1
 
 
+def test_bench_gpu_dry_run_times_every_method(tmp_path):
+    """``--gpu`` with tiny stand-in networks on the CPU (GNRI_BENCH_GPU_DRY=1): every method of
+    its list exists and runs (autograd is skipped on Flux, whose ops are in-place)."""
+    from bench import gpu
+    env = dict(os.environ, OMP_NUM_THREADS="1", GNRI_BENCH_GPU_DRY="1")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--gpu", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_dry.json").read_text())["rows"]
+    assert not [r for r in rows if "error" in r]
+    expected = 2 * len(gpu.METHODS) - sum(1 for m in gpu.METHODS if m[2].get("gradient") == "autograd")
+    assert len(rows) == expected
+    default = [r for r in rows if r["method"].startswith("gnri ×3")]
+    assert len(default) == 2 and all(4 < r["nfe"] <= 12 for r in default)  # 4 steps x at most 3 calls (12 measured)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: --gpu would run")
 def test_bench_gpu_needs_cuda():
     proc = run_bench("--gpu", timeout=120)
