@@ -40,9 +40,9 @@ def check_method(method: str) -> str:
 
 def check_latent(x: torch.Tensor, name: str = "latent") -> None:
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
-        raise InversionInputError(f"{name} must be a tensor of shape (batch, channels, ...)")
+        raise InversionInputError(f"{name}: must be a tensor of shape (batch, channels, ...)")
     if not torch.isfinite(x).all():
-        raise InversionInputError(f"{name} contains NaN or inf values")
+        raise InversionInputError(f"{name}: contains NaN or inf values")
 
 
 def check_sigmas(sigmas: torch.Tensor, ascending: bool, family: Optional[str] = None) -> torch.Tensor:

@@ -13,7 +13,8 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..gnri_core import InversionInputError, InversionResult, check_method, sample_guided_nr, sigmas_ascend
+from ..gnri_core import (InversionInputError, InversionResult, check_latent, check_method, sample_guided_nr,
+                         sigmas_ascend)
 
 
 def model_family(model) -> str:
@@ -53,8 +54,7 @@ def check_latent_for_model(model, latent: dict, name: str = "latent") -> torch.T
         raise InversionInputError(
             f"{name}: has shape {shape} ({shape[1] if samples.ndim > 1 else '?'} channels) but this "
             f"model expects {expected} latent channels; encode the image with this model's VAE")
-    if not torch.isfinite(samples).all():
-        raise InversionInputError(f"{name}: contains NaN or inf values")
+    check_latent(samples, name)
     return samples
 
 
