@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .methods import Spec, core_options, relative_to_naive
+from .methods import Spec, core_options, relative_to_naive, spec_budgets
 
 PROMPT = "a photo of a cat on a sofa"
 
@@ -182,13 +182,6 @@ def run(pack, cases, specs, budgets, progress, repeat=1, extra=None):
                     rows.append(record)
                     progress.update(1)
             yield from relative_to_naive(rows)
-
-
-def spec_budgets(spec: Spec, budgets, extra=None) -> list:
-    """The budgets a method runs at: ``budgets`` plus ``extra[spec.key]`` (one-call methods: 1)."""
-    if not spec.iterative:
-        return [1]
-    return sorted(set(budgets) | set((extra or {}).get(spec.key, ())))
 
 
 def count(cases, specs, budgets, extra=None) -> int:

@@ -46,6 +46,13 @@ def add_spec(spec: Spec) -> None:
         BY_KEY[spec.key] = spec
 
 
+def spec_budgets(spec: Spec, budgets, extra=None) -> list:
+    """The budgets a method runs at: ``budgets`` plus ``extra[spec.key]`` (one-call methods: 1)."""
+    if not spec.iterative:
+        return [1]
+    return sorted(set(budgets) | set((extra or {}).get(spec.key, ())))
+
+
 def relative_to_naive(rows: list) -> list:
     """Adds time and memory ratios to naive inversion (``ddim``) of the same case."""
     base = next(r for r in rows if r["method"] == DDIM.key)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .methods import DDIM, NATIVE, Spec, core_options, native_inversion, relative_to_naive
+from .methods import DDIM, NATIVE, Spec, core_options, native_inversion, relative_to_naive, spec_budgets
 from .photo_model import PhotoMixture, heldout_photo
 
 
@@ -101,7 +101,7 @@ def run(core, cases, specs, budgets, sampling, progress, size=32, repeat=1, memo
                 truth = metrics.noise_stats(eps)
             rows = []
             for spec in specs:
-                for budget in (budgets if spec.iterative else [1]):
+                for budget in spec_budgets(spec, budgets):
                     progress.set_postfix_str(f"photo {case.family} {case.steps} {name} {spec.key} {budget}")
                     mem = index == memory_input and budget in (1, 2)
                     record = run_one(core, model, spec, budget, x0, noise_ref, sigmas,
@@ -114,7 +114,7 @@ def run(core, cases, specs, budgets, sampling, progress, size=32, repeat=1, memo
 
 
 def count(cases, specs, budgets) -> int:
-    per_input = sum(len(budgets) if s.iterative else 1 for s in specs)
+    per_input = sum(len(spec_budgets(s, budgets)) for s in specs)
     return sum(len(c.inputs) * per_input for c in cases)
 
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from .methods import spec_budgets
 from .metrics import geomean
 
 
@@ -91,7 +92,7 @@ def summary_table(records, specs, budgets):
              "noise error (gen, geomean) | noise std | kurtosis | autocorr | time ÷ ddim | memory ÷ ddim | backward/step |",
              "|---" * 12 + "|"]
     for s in ordered_methods(photo, specs):
-        for b in (budgets if s.iterative else [1]):
+        for b in spec_budgets(s, budgets):
             rows = [r for r in photo if r["method"] == s.key and r["budget"] == b]
             if not rows:
                 continue

@@ -25,6 +25,15 @@ SIZES = (1e-4, 1e-3, 1e-2)
 DRAWS = 5
 
 
+def converged_case(core, sampling, family: str, steps: int, name: str):
+    """(model, descending sigmas, x0, noise): ``name`` inverted to convergence."""
+    model = PhotoMixture(family, size=32)
+    sigmas = schedules(family, steps, sampling)
+    x0, _ = prepare_input(model, name, sigmas, core)
+    result = core.invert(model, x0, sigmas.flip(0), method="gnri", family=family, max_iters=30, tol=1e-6)
+    return model, sigmas, x0, result.noise
+
+
 def perturbed_psnrs(core, model, noise, x0, sigmas, size):
     out = []
     for seed in range(DRAWS):
@@ -42,15 +51,11 @@ def main():
     head = " | ".join(f"perturbed {s:g}: min..max" for s in SIZES)
     lines = [f"| case | converged PSNR (dB) | {head} |", "|---" * (2 + len(SIZES)) + "|"]
     for family, steps, name in CASES:
-        model = PhotoMixture(family, size=32)
-        sigmas = schedules(family, steps, sampling)
-        x0, _ = prepare_input(model, name, sigmas, core)
-        result = core.invert(model, x0, sigmas.flip(0), method="gnri", family=family,
-                             max_iters=30, tol=1e-6)
-        base = metrics.psnr(core.reconstruct(model, result.noise, sigmas), x0, 2.0, clamp=(-1, 1))
+        model, sigmas, x0, noise = converged_case(core, sampling, family, steps, name)
+        base = metrics.psnr(core.reconstruct(model, noise, sigmas), x0, 2.0, clamp=(-1, 1))
         cells = []
         for size in SIZES:
-            ps = perturbed_psnrs(core, model, result.noise, x0, sigmas, size)
+            ps = perturbed_psnrs(core, model, noise, x0, sigmas, size)
             cells.append(f"{min(ps):.1f}..{max(ps):.1f}")
         lines.append(f"| photo {family} {steps} {name} | {base:.1f} | " + " | ".join(cells) + " |")
     print("\n".join(lines))

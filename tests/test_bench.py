@@ -53,15 +53,11 @@ def test_regeneration_sensitivity_generated_vs_heldout_photo():
     a generated image ~50 dB smoothly (it stays above 60 dB), while a held-out photo (between
     the mixture's modes) can drop to below 30 dB."""
     from bench import env, photo_bench, sensitivity
-    from bench.photo_model import PhotoMixture
     core = env.core()
     sampling = photo_bench.model_samplings()
     worst = {}
     for name in ("gen0", "lfw_face"):
-        model = PhotoMixture("eps", size=32)
-        sigmas = photo_bench.schedules("eps", 10, sampling)
-        x0, _ = photo_bench.prepare_input(model, name, sigmas, core)
-        noise = core.invert(model, x0, sigmas.flip(0), method="gnri", family="eps", max_iters=30, tol=1e-6).noise
+        model, sigmas, x0, noise = sensitivity.converged_case(core, sampling, "eps", 10, name)
         worst[name] = min(sensitivity.perturbed_psnrs(core, model, noise, x0, sigmas, 1e-3))
     assert worst["gen0"] > 60 and worst["lfw_face"] < 30, worst  # measured 70.3 and 26.1
 
