@@ -1,9 +1,9 @@
 """diffusers interop on tiny, randomly initialised diffusers models (CPU, seeded, no
-downloads): the numbers behind the README's diffusers section.
+downloads): the numbers behind docs/diffusers.md.
 
     python -m bench.diffusers_check          # after `bash scripts/test.sh` (+ pip install diffusers)
 
-1. Cross-checks: the core's ``ddim`` through ``gnri_core.diffusers_adapter`` against
+1. Cross-checks: the core's ``ddim`` through ``gnri_diffusers`` against
    diffusers' inversion (``DDIMInverseScheduler``; Euler / FlowMatchEuler: the scheduler's
    own ``step`` run backwards, model at the target timestep), and the core's
    ``reconstruct`` against diffusers' sampling loop (DDIM eta 0, Euler, FlowMatchEuler):

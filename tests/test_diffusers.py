@@ -1,9 +1,9 @@
-"""diffusers interop (``gnri_core.diffusers_adapter``), cross-checked against diffusers'
+"""diffusers interop (``gnri_diffusers``), cross-checked against diffusers'
 own schedulers on tiny, randomly initialised diffusers models (CPU, seeded, built from
 configs: no downloads).
 
 * The core's ``ddim`` inversion through the adapter reproduces ``DDIMInverseScheduler``
-  (``convention="ddim_inverse"``) and ``reconstruct`` reproduces ``DDIMScheduler``
+  (with :class:`DDIMInverseDenoiser`, the scheduler's own evaluation convention) and ``reconstruct`` reproduces ``DDIMScheduler``
   sampling (eta = 0), for epsilon and v_prediction UNets, with CFG.
 * The same for ``EulerDiscreteScheduler`` and, for flow models (Flux, SD3),
   ``FlowMatchEulerDiscreteScheduler``. diffusers ships no inverse Euler scheduler, so the
@@ -38,9 +38,10 @@ from diffusers import (  # noqa: E402
     FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel,
 )
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # noqa: E402
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402
 
-from gnri_core import InversionInputError  # noqa: E402
-from gnri_core import diffusers_adapter as da  # noqa: E402
+import gnri_diffusers as gd  # noqa: E402
+from gnri_core import InversionInputError, invert  # noqa: E402
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -161,11 +162,11 @@ def _call(model, sample, t, prompt, negative, guidance_scale):
                     pooled_projections=pooled).sample
     else:  # Flux: packed latents, timestep / 1000, ids as FluxPipeline makes them
         h, w = x.shape[-2:]
-        packed = da.pack_flux(x)
+        packed = gd.pack_flux(x)
         out = model(hidden_states=packed, timestep=t.expand(batch).to(x.dtype) / 1000, guidance=None,
                     pooled_projections=pooled, encoder_hidden_states=embeds,
-                    txt_ids=torch.zeros(embeds.shape[1], 3), img_ids=da.flux_image_ids(h, w)).sample
-        out = da.unpack_flux(out, h, w)
+                    txt_ids=torch.zeros(embeds.shape[1], 3), img_ids=gd.flux_image_ids(h, w)).sample
+        out = gd.unpack_flux(out, h, w)
     if cfg:
         uncond, cond = out.chunk(2)
         out = uncond + guidance_scale * (cond - uncond)
@@ -176,7 +177,9 @@ def flow_set_timesteps(scheduler, model, steps, size):
     """As FluxPipeline / SD3Pipeline call set_timesteps."""
     kwargs = {}
     if scheduler.config.use_dynamic_shifting:
-        kwargs["mu"] = da.flow_mu(scheduler.config, (size // 2) ** 2)
+        c = scheduler.config
+        kwargs["mu"] = calculate_shift((size // 2) ** 2, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                                       c.max_shift)
     if isinstance(model, FluxTransformer2DModel):
         kwargs["sigmas"] = torch.linspace(1.0, 1.0 / steps, steps).tolist()
         scheduler.set_timesteps(**kwargs)
@@ -283,6 +286,29 @@ def diffusers_invert(model, scheduler_name, make, config, x, p, n, guidance_scal
     return diffusers_reverse_step_invert(model, make(), x, p, n, guidance_scale, steps)
 
 
+class DDIMInverseDenoiser(gd.DiffusersDenoiser):
+    """The evaluation ``DDIMInverseScheduler`` makes, as a denoiser for the core's naive
+    ``ddim`` step: the model sees the latent at the level below the target at that level's
+    scale (and converts v-predictions with its alpha), with the target timestep; the eps
+    it implies is then used at the target level. DDIM schedules only."""
+
+    def __call__(self, x, sigma):
+        sched = self.schedule
+        sig = self.batch_sigmas(x, sigma)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        s = sig.float().view(shape)
+        s_in = sched.sigmas[sched.level_of(sig) - 1].float().view(shape)
+        c_in = 1.0 / (s_in ** 2 + 1).sqrt()
+        out = self.model_output(x.float() * c_in, sched.timestep_of(sig))
+        if sched.prediction == "epsilon":
+            eps = out
+        elif sched.prediction == "v_prediction":
+            eps = c_in * out + s_in * c_in ** 2 * x
+        else:
+            eps = (x - out) / s_in
+        return x - s * eps
+
+
 def cross_check(case, scheduler_name, guidance_scale=CFG, steps=STEPS) -> dict:
     """The core's ``ddim`` through the adapter against diffusers' inversion (max abs
     difference over the whole trajectory), ``sample_latents`` (the core's ``reconstruct``)
@@ -290,14 +316,21 @@ def cross_check(case, scheduler_name, guidance_scale=CFG, steps=STEPS) -> dict:
     model, make, config, x, prompt, negative = make_case(case, scheduler_name)
     p, n = as_diffusers(prompt), as_diffusers(negative)
     theirs = diffusers_invert(model, scheduler_name, make, config, x, p, n, guidance_scale, steps)
-    convention = "ddim_inverse" if scheduler_name == "ddim" else "core"
-    ours = da.invert_latents(model, make(), x, num_inference_steps=steps, method="ddim", convention=convention,
-                             **adapter_kwargs(prompt, negative, guidance_scale))
-    assert ours.result.nfe == steps and len(ours.trajectory) == len(theirs) == steps + 1
+    if scheduler_name == "ddim":
+        schedule = gd.make_schedule(make(), steps)
+        denoiser = DDIMInverseDenoiser(model, schedule, gd.PromptEmbeds(*prompt), gd.PromptEmbeds(*negative),
+                                       guidance_scale)
+        result = invert(denoiser, schedule.to_core(x, 0), schedule.core_sigmas(), method="ddim",
+                        family=schedule.family)
+        trajectory = [schedule.from_core(z, i) for i, z in enumerate(result.trajectory)]
+    else:
+        ours = gd.invert_latents(model, make(), x, num_inference_steps=steps, method="ddim",
+                                 **adapter_kwargs(prompt, negative, guidance_scale))
+        schedule, result, trajectory = ours.schedule, ours.result, ours.trajectory
+    assert result.nfe == steps and len(trajectory) == len(theirs) == steps + 1
     sampled = diffusers_sample(model, make(), theirs[-1], p, n, guidance_scale, steps)
-    ours_sampled = da.sample_latents(model, ours.schedule, theirs[-1],
-                                     **adapter_kwargs(prompt, negative, guidance_scale))
-    return {"inversion": max(max_diff(a, b) for a, b in zip(ours.trajectory, theirs, strict=True)),
+    ours_sampled = gd.sample_latents(model, schedule, theirs[-1], **adapter_kwargs(prompt, negative, guidance_scale))
+    return {"inversion": max(max_diff(a, b) for a, b in zip(trajectory, theirs, strict=True)),
             "sampling": max_diff(ours_sampled, sampled),
             "scale": max(float(z.abs().max()) for z in theirs + [sampled])}
 
@@ -309,7 +342,7 @@ def reconstruction_errors(case, scheduler_name, guidance_scale=1.0, steps=STEPS,
     model, make, config, x, prompt, negative = make_case(case, scheduler_name)
     p, n = as_diffusers(prompt), as_diffusers(negative)
     theirs = diffusers_invert(model, scheduler_name, make, config, x, p, n, guidance_scale, steps)
-    ours = da.invert_latents(model, make(), x, num_inference_steps=steps, method="gnri",
+    ours = gd.invert_latents(model, make(), x, num_inference_steps=steps, method="gnri",
                              **adapter_kwargs(prompt, negative, guidance_scale), **options)
     return {"gnri": rel_err(diffusers_sample(model, make(), ours.noise, p, n, guidance_scale, steps), x),
             "diffusers": rel_err(diffusers_sample(model, make(), theirs[-1], p, n, guidance_scale, steps), x),
@@ -338,17 +371,17 @@ def test_schedule_levels():
     the timesteps 1, 101, ... and the clean level alphas_cumprod[0] (sigma > 0); trailing
     spacing with set_alpha_to_one: clean level sigma 0 and the top timestep 999."""
     sched = DDIMScheduler(**DDIM_CONFIGS["eps"])
-    schedule = da.make_schedule(sched, STEPS)
+    schedule = gd.make_schedule(sched, STEPS)
     abar = sched.alphas_cumprod.double()
     assert schedule.timesteps[1:].tolist() == [1.0 + 100 * i for i in range(STEPS)]
     assert float(schedule.sigmas[0]) == pytest.approx(float(((1 - abar[0]) / abar[0]).sqrt()), rel=1e-12)
     assert float(schedule.sigmas[-1]) == pytest.approx(float(((1 - abar[901]) / abar[901]).sqrt()), rel=1e-12)
     assert sched.num_inference_steps is None  # the caller's scheduler is left alone
-    trailing = da.make_schedule(DDIMScheduler(**DDIM_CONFIGS["v"]), STEPS)
+    trailing = gd.make_schedule(DDIMScheduler(**DDIM_CONFIGS["v"]), STEPS)
     assert float(trailing.sigmas[0]) == 0.0 and float(trailing.timesteps[-1]) == 999
     euler = EulerDiscreteScheduler(**EULER_CONFIGS["eps"])
     euler.set_timesteps(STEPS)
-    schedule = da.make_schedule(EulerDiscreteScheduler(**EULER_CONFIGS["eps"]), STEPS)
+    schedule = gd.make_schedule(EulerDiscreteScheduler(**EULER_CONFIGS["eps"]), STEPS)
     assert torch.equal(schedule.sigmas.float(), euler.sigmas.flip(0))
     assert schedule.init_noise_sigma == pytest.approx(float(euler.init_noise_sigma))
     # off-schedule sigmas get interpolated timesteps (the core only asks for levels)
@@ -359,7 +392,7 @@ def test_schedule_levels():
 def test_gnri_reconstructs_far_better_than_diffusers_inversion(case, scheduler_name):
     """gnri (default: at most 4 model calls per step) through the adapter, then diffusers'
     own sampling loop with the source prompt, against diffusers' inversion. Measured
-    (10 steps, cfg 1): gnri 2e-5..2e-4, diffusers' inversion 3e-2..6e-1 (README table)."""
+    (10 steps, cfg 1): gnri 2e-5..2e-4, diffusers' inversion 3e-2..6e-1 (docs/diffusers.md)."""
     errors = reconstruction_errors(case, scheduler_name)
     assert errors["nfe"] <= 4 * STEPS
     assert errors["gnri"] < 1e-3, errors
@@ -373,7 +406,7 @@ def test_pipelines_regenerate_from_inverted_latents():
 
     unet, make, _, x, prompt, negative = make_case("eps", "euler")
     scheduler = make()
-    inv = da.invert_latents(unet, scheduler, x, num_inference_steps=STEPS, **adapter_kwargs(prompt, negative, CFG))
+    inv = gd.invert_latents(unet, scheduler, x, num_inference_steps=STEPS, **adapter_kwargs(prompt, negative, CFG))
     assert inv.schedule.init_noise_sigma > 1  # Euler pipelines multiply latents= by it
     assert torch.allclose(inv.latents * inv.schedule.init_noise_sigma, inv.noise)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
@@ -385,14 +418,14 @@ def test_pipelines_regenerate_from_inverted_latents():
 
     model, make, _, x, prompt, _ = make_case("flux", "flow")
     scheduler = make()
-    inv = da.invert_latents(model, scheduler, x, prompt[0], pooled_prompt_embeds=prompt[1], num_inference_steps=STEPS)
+    inv = gd.invert_latents(model, scheduler, x, prompt[0], pooled_prompt_embeds=prompt[1], num_inference_steps=STEPS)
     assert inv.latents.shape == (1, 64, 64)  # packed, as FluxPipeline takes them
     pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=model)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt_embeds=prompt[0], pooled_prompt_embeds=prompt[1], latents=inv.latents, height=128, width=128,
                num_inference_steps=STEPS, output_type="latent").images
-    assert rel_err(da.unpack_flux(out, 16, 16), x) < 1e-3
+    assert rel_err(gd.unpack_flux(out, 16, 16), x) < 1e-3
 
 
 def test_sdxl_style_added_cond_kwargs():
@@ -405,9 +438,9 @@ def test_sdxl_style_added_cond_kwargs():
     pooled, neg_pooled = randn(1, 32, seed=3), randn(1, 32, seed=4)
     time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
     scheduler = EulerDiscreteScheduler(**EULER_CONFIGS["eps"])
-    schedule = da.make_schedule(scheduler, 4)
+    schedule = gd.make_schedule(scheduler, 4)
     noise = randn(1, 4, 16, 16, seed=5) * schedule.init_noise_sigma
-    ours = da.sample_latents(unet, schedule, noise, pos, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+    ours = gd.sample_latents(unet, schedule, noise, pos, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
                              negative_pooled_prompt_embeds=neg_pooled, added_cond_kwargs={"time_ids": time_ids},
                              guidance_scale=CFG)
     scheduler.set_timesteps(4)
@@ -424,21 +457,21 @@ def test_sdxl_style_added_cond_kwargs():
 
 def test_prompt_swap_edit():
     unet, make, _, x, prompt, _ = make_case("eps", "ddim")
-    inv = da.invert_latents(unet, make(), x, prompt[0], num_inference_steps=STEPS)
+    inv = gd.invert_latents(unet, make(), x, prompt[0], num_inference_steps=STEPS)
     target = randn(1, 8, 768, seed=42)
-    same = da.edit_latents(unet, inv, target, strength=0.0)
+    same = gd.edit_latents(unet, inv, target, strength=0.0)
     assert rel_err(same, x) < 1e-3  # strength 0: the source prompt, reproduces the input
-    edited = da.edit_latents(unet, inv, target)
+    edited = gd.edit_latents(unet, inv, target)
     change = rel_err(edited, x)
     assert change > 1e-2
-    assert 0 < rel_err(da.edit_latents(unet, inv, target, strength=0.5), x) < change
+    assert 0 < rel_err(gd.edit_latents(unet, inv, target, strength=0.5), x) < change
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1.0
-    masked = da.edit_latents(unet, inv, target, mask=mask)
+    masked = gd.edit_latents(unet, inv, target, mask=mask)
     assert torch.equal(masked[..., 8:, :], inv.trajectory[0][..., 8:, :])  # background kept exactly
     assert max_diff(masked[..., :8, :], x[..., :8, :]) > 1e-2
     with pytest.raises(InversionInputError, match="target shape"):
-        da.edit_latents(unet, inv, randn(1, 9, 768))
+        gd.edit_latents(unet, inv, randn(1, 9, 768))
 
 
 def test_errors_name_the_problem():
@@ -447,18 +480,15 @@ def test_errors_name_the_problem():
     unet = tiny_unet("eps")
     x, (pos, _) = latents_for("unet"), unet_prompts()
     with pytest.raises(InversionInputError, match="DPMSolverMultistepScheduler is not supported"):
-        da.invert_latents(unet, DPMSolverMultistepScheduler(), x, pos, num_inference_steps=2)
+        gd.invert_latents(unet, DPMSolverMultistepScheduler(), x, pos, num_inference_steps=2)
     with pytest.raises(InversionInputError, match="clip_sample"):
-        da.make_schedule(DDIMScheduler(**dict(DDIM_CONFIGS["eps"], clip_sample=True)), STEPS)
+        gd.make_schedule(DDIMScheduler(**dict(DDIM_CONFIGS["eps"], clip_sample=True)), STEPS)
     with pytest.raises(InversionInputError, match="do not chain"):
-        da.make_schedule(DDIMScheduler(**dict(DDIM_CONFIGS["eps"], timestep_spacing="linspace")), STEPS)
+        gd.make_schedule(DDIMScheduler(**dict(DDIM_CONFIGS["eps"], timestep_spacing="linspace")), STEPS)
     with pytest.raises(InversionInputError, match="flow-matching"):
-        da.invert_latents(tiny_sd3(), DDIMScheduler(**DDIM_CONFIGS["eps"]), x, pos, num_inference_steps=2)
+        gd.invert_latents(tiny_sd3(), DDIMScheduler(**DDIM_CONFIGS["eps"]), x, pos, num_inference_steps=2)
     with pytest.raises(InversionInputError, match="Identity is not supported"):
-        da.invert_latents(torch.nn.Identity(), EulerDiscreteScheduler(), x, pos, num_inference_steps=2)
-    with pytest.raises(InversionInputError, match="only with method='ddim'"):
-        da.invert_latents(unet, DDIMScheduler(**DDIM_CONFIGS["eps"]), x, pos, num_inference_steps=2,
-                          convention="ddim_inverse")
+        gd.invert_latents(torch.nn.Identity(), EulerDiscreteScheduler(), x, pos, num_inference_steps=2)
 
 
 def _imported_modules(path: str) -> set:
@@ -477,15 +507,22 @@ def _imported_modules(path: str) -> set:
     return names
 
 
-def test_core_stays_torch_only():
-    """No module of the core (but the adapter) nor of the nodes imports diffusers or the adapter."""
+def _package_imports(folder: str) -> dict:
     root = os.path.dirname(_HERE)
+    return {name: _imported_modules(os.path.join(root, folder, name))
+            for name in sorted(os.listdir(os.path.join(root, folder))) if name.endswith(".py")}
+
+
+def test_import_graph():
+    """nodes -> gnri_core, gnri_diffusers -> gnri_core: the core and the ComfyUI nodes never
+    import diffusers or the diffusers adapter; the adapter never imports the nodes."""
     for folder in ("gnri_core", "nodes"):
-        for name in sorted(os.listdir(os.path.join(root, folder))):
-            if name.endswith(".py") and name != "diffusers_adapter.py":
-                imported = _imported_modules(os.path.join(root, folder, name))
-                bad = [m for m in imported if "diffusers" in m.split(".")[0] or m.endswith("diffusers_adapter")]
-                assert not bad, f"{folder}/{name} imports {bad}"
+        for name, imported in _package_imports(folder).items():
+            bad = [m for m in imported if "diffusers" in m.split(".")[0] or "gnri_diffusers" in m]
+            assert not bad, f"{folder}/{name} imports {bad}"
+    for name, imported in _package_imports("gnri_diffusers").items():
+        bad = [m for m in imported if m.split(".")[0] in ("nodes", "comfy", "comfy_api")]
+        assert not bad, f"gnri_diffusers/{name} imports {bad}"
 
 
 # --------------------------------------------------------------------------- ComfyUI, same weights
@@ -544,13 +581,13 @@ def comfy_vs_diffusers(kind: str, method: str = "gnri") -> dict:
         positive = [[prompt[0], {"pooled_output": prompt[1]}]]
         negative_cond = [[negative[0], {"pooled_output": negative[1]}]]
         extra = {"y": prompt[1]}
-    ours = da.invert_latents(model, make(), x, num_inference_steps=STEPS, method=method,
+    ours = gd.invert_latents(model, make(), x, num_inference_steps=STEPS, method=method,
                              **adapter_kwargs(prompt, negative, CFG))
     sigmas = ours.schedule.core_sigmas()
     z, sigma = ours.result.trajectory[0], sigmas[STEPS // 2].view(1)
     with torch.no_grad():
         comfy_denoised = patcher.model.apply_model(z, sigma, c_crossattn=prompt[0], **extra)
-        denoised = da.DiffusersDenoiser(model, ours.schedule, da.PromptEmbeds(*prompt))(z, sigma)
+        denoised = gd.DiffusersDenoiser(model, ours.schedule, gd.PromptEmbeds(*prompt))(z, sigma)
     raw = patcher.get_model_object("latent_format").process_out(z.clone())  # ComfyUI's raw (VAE) space
     _, inversion = glue.invert_latent(patcher, positive, negative_cond, {"samples": raw}, sigmas, CFG, method)
     theirs = inversion.result
