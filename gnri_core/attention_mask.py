@@ -7,23 +7,28 @@ The pieces, in the order the Attention Mask Blend node uses them:
   into a flat list whose index is the token's position in the conditioning;
   ``changed_tokens`` finds the positions that exist in only one of two prompts (a
   ``difflib`` alignment of the token ids, specials ignored); ``word_tokens`` the positions
-  of named words; ``select_tokens`` does either and warns when nothing is selected;
-  ``position_weights`` makes the 0/1 weight vector over conditioning positions.
+  of named words; ``select_tokens`` does either and notes when nothing is selected;
+  ``conditioning_weights`` makes the 0/1 weight vector over conditioning positions;
+  ``describe_tokens`` writes the selected tokens as words.
+* which latent and which layers: ``choose_step`` (a latent of the inverted trajectory),
+  ``pick_blocks`` (joint-attention blocks to read), ``pick_resolution`` (cross-attention
+  layers at the grid closest to 16x16).
 * probabilities: ``attention_to_tokens`` sums, over heads and selected tokens, the
   softmax attention probabilities of queries to keys, in chunks of queries so that
   the logits held at once stay under ``max_elements`` (cross attention: all keys are
   text; joint attention: text keys are a slice of the keys, image queries a slice of
-  the queries, the softmax runs over all keys).
+  the queries, the softmax runs over all keys); ``AttentionMaps`` collects them per
+  prompt and grid during a model call and averages the layers.
 * maps to masks: ``token_grid``, ``resize_maps``, ``normalise_by_max``,
   ``threshold_mask``, ``dilate_mask``, ``blur_mask``, ``fit_user_mask``,
-  ``combine_masks``, ``upscale_mask``; ``mask_from_maps`` chains them.
+  ``combine_masks``, ``upscale_mask``; ``check_mask_options`` validates them once and
+  ``mask_from_maps`` chains them.
 
 Masks are (B, h, w) float tensors in [0, 1]; maps are non-negative (B, h, w) tensors.
 """
 from __future__ import annotations
 
 import difflib
-import logging
 import math
 from collections.abc import Iterable, Sequence
 
@@ -32,11 +37,11 @@ import torch.nn.functional as F
 
 from .errors import InversionInputError
 
-logger = logging.getLogger(__name__)
-
 COMBINE_MODES = ("replace", "union", "intersect")
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_MAX_ELEMENTS = 1 << 25  # float32 logits held at once: 128 MiB
+TARGET_GRID = 16                # TurboEdit / prompt-to-prompt: cross-attention at ~16x16
+MAX_BLOCKS = 4                  # joint-attention blocks read (second half of the stack)
 
 
 # --------------------------------------------------------------------------- tokens
@@ -127,7 +132,7 @@ def select_tokens(source: Sequence, target: Sequence, special: Iterable = (),
     word) in either prompt when given, else the tokens changed between the prompts.
 
     Returns (source positions, target positions, warnings). An empty selection is
-    not an error: it logs a warning and the mask will be empty."""
+    not an error: a warning says so and the mask will be empty."""
     special = set(special)
     notes = []
     if words:
@@ -142,10 +147,8 @@ def select_tokens(source: Sequence, target: Sequence, special: Iterable = (),
     else:
         src, tgt = changed_tokens(source, target, special)
         if not src and not tgt:
-            notes.append("target_prompt: tokenises the same as source_prompt (no changed tokens); "
-                         "the attention mask is empty. Change the prompt or name words to use.")
-    for note in notes:
-        logger.warning("Attention Mask Blend: %s", note)
+            notes.append("target_prompt: tokenises the same as source_prompt (identical prompts, no changed "
+                         "tokens); the attention mask is empty. Change the prompt or name words to use.")
     return src, tgt, notes
 
 
@@ -157,6 +160,40 @@ def position_weights(positions: Iterable[int], length: int) -> torch.Tensor:
     if idx:
         weights[idx] = 1.0
     return weights
+
+
+def conditioning_weights(positions: Sequence[int], length: int, name: str) -> tuple[torch.Tensor | None, list[str]]:
+    """0/1 weights over a conditioning of ``length`` tokens for the selected ``positions``
+    (None when none lies within it), and a warning naming the positions beyond it."""
+    dropped = [p for p in positions if p >= length]
+    notes = []
+    if dropped:
+        notes.append(f"{name}: {len(dropped)} selected token(s) lie beyond its conditioning ({length} tokens) "
+                     "and are ignored; tokenise with the CLIP that encoded the conditioning")
+    if len(dropped) == len(positions):
+        return None, notes
+    return position_weights(positions, length), notes
+
+
+def describe_tokens(pieces: Sequence[str], positions: Sequence[int], limit: int = 6, width: int = 40) -> str:
+    """The selected tokens as words: runs of consecutive positions joined (BPE "</w>"
+    and SentencePiece "\u2581" mark word boundaries), quoted; at most ``limit`` runs of
+    at most ``width`` characters each, then a count of the rest; "none" for none."""
+    runs: list[list[int]] = []
+    for p in sorted(positions):
+        if runs and p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    if not runs:
+        return "none"
+    words = []
+    for run in runs[:limit]:
+        text = "".join(pieces[p] if 0 <= p < len(pieces) else "?" for p in run)
+        text = " ".join(text.replace("</w>", " ").replace("\u2581", " ").split())
+        words.append(repr(text if len(text) <= width else text[: width - 1] + "\u2026"))
+    rest = len(runs) - limit
+    return ", ".join(words) + (f" and {rest} more" if rest > 0 else "")
 
 
 def fit_weights(weights: torch.Tensor, length: int) -> torch.Tensor:
@@ -234,14 +271,94 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
+class AttentionMaps:
+    """Sums of attention maps per prompt (``kind``: any key, e.g. source / target) and
+    grid, filled by attention patches during one model evaluation of a ``batch`` of
+    latents whose batch holds chunks of prompts (``kinds``, one per chunk)."""
+
+    def __init__(self, weights: dict, batch: int):
+        self.weights = weights          # kind -> (T,) 0/1 over conditioning positions
+        self.batch = batch
+        self.maps: dict[tuple, torch.Tensor] = {}   # (kind, h, w) -> (batch, h*w)
+        self.counts: dict[tuple, int] = {}
+
+    def row_weights(self, kinds: Sequence, total_batch: int, length: int, device) -> torch.Tensor | None:
+        """(total_batch, length) token weights for a call whose batch holds one chunk per
+        kind, or None when no chunk has selected tokens."""
+        per = total_batch // len(kinds)
+        rows = []
+        for kind in kinds:
+            w = self.weights.get(kind)
+            w = torch.zeros(length) if w is None else fit_weights(w, length)
+            rows.append(w.unsqueeze(0).expand(per, -1))
+        weights = torch.cat(rows).to(device)
+        return weights if torch.count_nonzero(weights) else None
+
+    def add(self, probs: torch.Tensor, kinds: Sequence, grid: tuple[int, int]) -> None:
+        """Adds one layer's (total_batch, h*w) probabilities. A chunk whose batch is not the
+        latent's (a conditioning broadcast differently) adds its batch mean to every latent."""
+        for kind, part in zip(kinds, probs.float().cpu().chunk(len(kinds))):
+            if kind not in self.weights:
+                continue
+            if part.shape[0] != self.batch:
+                part = part.mean(0, keepdim=True).expand(self.batch, -1)
+            key = (kind, *grid)
+            self.maps[key] = self.maps.get(key, 0) + part
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def grids(self) -> set:
+        return {(h, w) for _, h, w in self.maps}
+
+    def prompt_maps(self, grid: tuple[int, int] | None = None) -> tuple[list[torch.Tensor], tuple[int, int] | None]:
+        """One (batch, h, w) map per prompt, averaged over the layers at ``grid`` (default:
+        the recorded grid closest to ``TARGET_GRID``), and the grid; ([], None) when nothing
+        was recorded."""
+        if not self.maps:
+            return [], None
+        grid = grid or pick_resolution(self.grids(), TARGET_GRID)
+        out = []
+        for kind in sorted(self.weights):
+            key = (kind, *grid)
+            if key in self.maps:
+                out.append((self.maps[key] / self.counts[key]).view(self.batch, *grid))
+        return out, grid
+
+
+# --------------------------------------------------------------------------- which latent, which layers
+
+def choose_step(steps: int, step: int) -> int:
+    """The trajectory latent to read attention at: ``step`` in [0 (the clean latent),
+    ``steps`` (the inverted noise)], or -1 for the middle (rounded towards noise)."""
+    if step == -1:
+        return max(1, (steps + 1) // 2) if steps >= 1 else 0
+    if not 0 <= step <= steps:
+        raise InversionInputError(f"step: must be -1 (middle) or lie in [0, {steps}] (this inversion has "
+                                  f"{steps} steps), got {step}")
+    return step
+
+
+def pick_blocks(depth: int, count: int = MAX_BLOCKS) -> list[int]:
+    """Up to ``count`` of ``depth`` joint-attention blocks, evenly spread over the second
+    half of the stack (where text-image attention is most localised)."""
+    if depth <= count:
+        return list(range(depth))
+    lo = depth // 2
+    return sorted({round(lo + i * (depth - 1 - lo) / (count - 1)) for i in range(count)})
+
+
 # --------------------------------------------------------------------------- maps and masks
 
-def token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (h, w) grid of ``n_tokens`` image positions for a (height, width) latent:
-    (ceil(height / f), ceil(width / f)) for the power-of-two factor f that fits
+def patch_grid(height: int, width: int, factor: int) -> tuple[int, int]:
+    """The (h, w) token grid of a (height, width) latent in factor x factor cells, padded
     (UNet levels downsample by 2 with padding; DiT patches pad to the patch size)."""
+    return math.ceil(height / factor), math.ceil(width / factor)
+
+
+def token_grid(n_tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The (h, w) grid of ``n_tokens`` image positions for a (height, width) latent: the
+    :func:`patch_grid` of the power-of-two factor that fits."""
     for f in (1, 2, 4, 8, 16, 32, 64, 128):
-        h, w = math.ceil(height / f), math.ceil(width / f)
+        h, w = patch_grid(height, width, f)
         if h * w == n_tokens:
             return h, w
     raise ValueError(f"{n_tokens} image positions do not tile a {height}x{width} latent")
@@ -336,12 +453,16 @@ def fit_user_mask(mask: torch.Tensor, batch: int, size: tuple[int, int], name: s
     return mask.expand(batch, -1, -1).contiguous() if mask.shape[0] == 1 else mask
 
 
-def combine_masks(attention: torch.Tensor, user: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """replace: the user mask; union: the maximum; intersect: the minimum."""
-    if user is None:
-        return attention
+def check_mask_mode(mode: str) -> None:
     if mode not in COMBINE_MODES:
         raise InversionInputError(f"mask_mode: unknown {mode!r}; expected one of {list(COMBINE_MODES)}")
+
+
+def combine_masks(attention: torch.Tensor, user: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """replace: the user mask; union: the maximum; intersect: the minimum."""
+    check_mask_mode(mode)
+    if user is None:
+        return attention
     if mode == "replace":
         return user
     if mode == "union":
@@ -367,6 +488,19 @@ def combine_prompt_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def check_mask_options(batch: int, size: tuple[int, int], threshold: float = DEFAULT_THRESHOLD,
+                       blur: float = 0.0, dilate: int = 0, user_mask: torch.Tensor | None = None,
+                       mode: str = "replace") -> torch.Tensor | None:
+    """Validates the mask options (before a model runs); returns the user mask fitted
+    to (batch, *size), or None."""
+    if not 0.0 <= threshold <= 1.0:
+        raise InversionInputError(f"threshold: must lie in [0, 1], got {threshold}")
+    if blur < 0 or dilate < 0:
+        raise InversionInputError(f"blur and dilate: must be >= 0, got {blur}, {dilate}")
+    check_mask_mode(mode)
+    return fit_user_mask(user_mask, batch, size) if user_mask is not None else None
+
+
 def mask_from_maps(maps: Sequence[torch.Tensor], batch: int, size: tuple[int, int],
                    threshold: float = DEFAULT_THRESHOLD, blur: float = 0.0, dilate: int = 0,
                    user_mask: torch.Tensor | None = None, mode: str = "replace") -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,11 +511,7 @@ def mask_from_maps(maps: Sequence[torch.Tensor], batch: int, size: tuple[int, in
     combined with ``user_mask`` (any resolution, batch 1 or ``batch``) by ``mode``.
     No maps (nothing selected) gives an all-zero raw map (and, unless the user mask
     replaces or joins it, an empty mask)."""
-    if not 0.0 <= threshold <= 1.0:
-        raise InversionInputError(f"threshold: must lie in [0, 1], got {threshold}")
-    if blur < 0 or dilate < 0:
-        raise InversionInputError(f"blur and dilate: must be >= 0, got {blur}, {dilate}")
-    user = fit_user_mask(user_mask, batch, size) if user_mask is not None else None
+    user = check_mask_options(batch, size, threshold, blur, dilate, user_mask, mode)
     if maps:
         resized = [resize_maps(m.float().cpu(), size) for m in maps]
         raw = combine_prompt_maps(resized)

@@ -8,6 +8,7 @@ import comfy.sample
 import latent_preview
 from comfy_api.latest import io
 
+from ..gnri_core.attention_mask import fit_user_mask
 from ..gnri_core import InversionInputError
 from .comfy_glue import Inversion, guided_nr_sampler, model_family, prediction_type, zero_conditioning
 from .inversion_nodes import CATEGORY, INVERSION, choice
@@ -46,14 +47,7 @@ def switch_at_sigma(before: list, after: list, boundary: float) -> list:
 def latent_mask(mask: torch.Tensor, inversion: Inversion) -> torch.Tensor:
     """A MASK (B or 1, H, W) at any resolution, as (B, 1, h, w) at the latent's resolution."""
     batch, _, height, width = inversion.latent_shape[:4]
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.shape[0] not in (1, batch):
-        raise InversionInputError(
-            f"mask: batch of {mask.shape[0]} masks for a latent batch of {batch}; give 1 or {batch}")
-    mask = torch.nn.functional.interpolate(mask.unsqueeze(1).float(), size=(height, width),
-                                           mode="bilinear", align_corners=False)
-    return mask.clamp(0, 1)
+    return fit_user_mask(mask, batch, (height, width)).unsqueeze(1)
 
 
 def check_inversion_for_model(model, inversion: Inversion) -> None:

@@ -47,19 +47,46 @@ def test_token_diff_on_real_tokenizer(tokenizer):
     assert am.changed_tokens(src, tokens("a photo of a (cat:1.3) on a sofa"), special) == ([], [])
 
 
-def test_words_and_empty_selection_warn(tokenizer, caplog):
+def test_words_and_empty_selection_notes(tokenizer, caplog):
     tokens, special = tokenizer
     src, tgt = tokens(SOURCE), tokens(TARGET)
     sofa = tokens("sofa")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.DEBUG):
         s, t, notes = am.select_tokens(src, tgt, special, [sofa, tokens("zebra")], ["sofa", "zebra"])
-    assert s == t == [8] and any("'zebra' not found" in n for n in notes)
-    assert "zebra" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
+        assert s == t == [8] and any("'zebra' not found" in n for n in notes)
         s, t, notes = am.select_tokens(src, tokens(SOURCE), special)
-    assert s == t == [] and "no changed tokens" in notes[0] and "no changed tokens" in caplog.text
+    assert s == t == [] and "identical prompts, no changed tokens" in notes[0]
+    assert not caplog.text                     # the core returns notes; the node logs them
     assert am.parse_words(" cat, red  sofa ,,") == ["cat", "red  sofa"]
+
+
+def test_selected_tokens_as_words(tiny_clip, tokenizer):
+    """The node's text names the words, not token positions; a long selection stays short."""
+    tokens, special = tokenizer
+    pieces = tiny_clip.tokenizer.clip_l.inv_vocab
+
+    def describe(text, positions, **kw):
+        return am.describe_tokens([pieces[k] for k in tokens(text)], positions, **kw)
+    many = tokens("a photo of a hippopotamus on a sofa")
+    _, changed = am.changed_tokens(tokens(SOURCE), many, special)
+    assert describe(SOURCE, [CAT]) == "'cat'" and describe(SOURCE, []) == "none"
+    assert describe("a photo of a hippopotamus on a sofa", changed) == "'hippopotamus'"
+    assert describe(SOURCE, [CAT, CAT + 1, CAT + 3]) == "'cat on', 'sofa'"
+    long = ("an oil painting of three large brown horses running across a wide green meadow under a "
+            "cloudy evening sky near old stone houses, " * 3)
+    run = describe(long, range(1, 70))                  # one run of 69 tokens: cut, not listed
+    assert run.startswith("'an oil painting of three") and run.endswith("\u2026'") and len(run) <= 42
+    assert describe(SOURCE, [1, 3, 5, 7], limit=2) == "'a', 'of' and 2 more"
+    src, tgt = am.changed_tokens(tokens(SOURCE), tokens(long), special)
+    assert len(tgt) > 50 and len(describe(long, tgt)) < 6 * 42 + 20
+
+
+def test_conditioning_weights_name_positions_beyond():
+    weights, notes = am.conditioning_weights([1, 3, 99], 4, "source")
+    assert weights.tolist() == [0, 1, 0, 1] and "source: 1 selected token(s) lie beyond" in notes[0]
+    weights, notes = am.conditioning_weights([2], 4, "target")
+    assert weights.tolist() == [0, 0, 1, 0] and notes == []
+    assert am.conditioning_weights([7, 8], 4, "target")[0] is None
 
 
 def test_weights_fit_repeated_conditioning():
@@ -112,7 +139,7 @@ def test_attention_to_tokens_matches_softmax_in_chunks():
 
 def test_grids_and_resolution_choice():
     assert am.token_grid(64, 16, 16) == (8, 8) and am.token_grid(256, 16, 16) == (16, 16)
-    assert am.token_grid(12, 7, 5) == (4, 3)          # padded DiT patches / UNet levels
+    assert am.token_grid(12, 7, 5) == (4, 3) == am.patch_grid(7, 5, 2)   # padded DiT patches / UNet levels
     with pytest.raises(ValueError):
         am.token_grid(10, 16, 16)
     assert am.pick_resolution([(64, 64), (32, 32), (16, 16), (8, 8)]) == (16, 16)   # SD1.5 at 512
@@ -120,6 +147,33 @@ def test_grids_and_resolution_choice():
     assert am.pick_resolution([(16, 16), (8, 8)]) == (16, 16)
     m = torch.arange(4.0).view(1, 2, 2)
     assert am.crop_grid(m, 2, (3, 4)).tolist() == [[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3]]]
+
+
+def test_step_and_block_choice():
+    assert [am.choose_step(n, -1) for n in (0, 1, 4, 5)] == [0, 1, 2, 3]   # middle, towards noise
+    assert am.choose_step(4, 0) == 0 and am.choose_step(4, 4) == 4
+    with pytest.raises(InversionInputError, match=r"step: must be -1 \(middle\) or lie in \[0, 4\]"):
+        am.choose_step(4, 5)
+    assert am.pick_blocks(3) == [0, 1, 2] and am.pick_blocks(19) == [9, 12, 15, 18]   # Flux: 19 double blocks
+
+
+def test_attention_maps_average_layers_per_prompt():
+    """Two prompts in one call's batch (chunks), layers at two grids: the grid closest to
+    16x16 is averaged per prompt; a chunk batched differently adds its mean to every latent."""
+    maps = am.AttentionMaps({0: am.position_weights([1], 3), 1: am.position_weights([2], 3)}, batch=2)
+    rows = maps.row_weights([0, 1], 4, 3, "cpu")
+    assert rows.tolist() == [[0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
+    assert maps.row_weights([5], 2, 3, "cpu") is None                     # no selected tokens
+    for value in (1.0, 3.0):                                                # two layers at 16x16
+        maps.add(torch.full((4, 256), value), [0, 1], (16, 16))
+    maps.add(torch.ones(4, 64), [0, 1], (8, 8))
+    maps.add(torch.full((2, 256), 2.0), [1], (16, 16))                     # a one-chunk call
+    prompt_maps, grid = maps.prompt_maps()
+    assert grid == (16, 16) and [m.shape for m in prompt_maps] == [(2, 16, 16)] * 2
+    assert prompt_maps[0].unique().tolist() == [2.0] and prompt_maps[1].unique().tolist() == [2.0]
+    maps.add(torch.ones(1, 256), [0], (16, 16))                            # batch 1 of a latent batch 2
+    assert maps.prompt_maps()[0][0].unique().tolist() == [pytest.approx(5 / 3)]
+    assert am.AttentionMaps({}, 1).prompt_maps() == ([], None)
 
 
 def test_normalise_threshold_dilate_blur():
@@ -152,6 +206,11 @@ def test_user_mask_resize_batch_and_combine():
     assert am.combine_masks(a, None, "union") is a
     with pytest.raises(InversionInputError, match="mask_mode"):
         am.combine_masks(a, b, "xor")
+    with pytest.raises(InversionInputError, match="mask_mode: unknown 'xor'"):
+        am.check_mask_options(1, (16, 16), mode="xor")
+    with pytest.raises(InversionInputError, match="blur and dilate"):
+        am.check_mask_options(1, (16, 16), blur=-1)
+    assert am.check_mask_options(3, (16, 16), user_mask=left).shape == (3, 16, 16)
 
 
 def test_mask_from_maps_and_image_round_trip():
@@ -213,7 +272,9 @@ def test_node_outputs_masks_at_image_resolution(executor, family):
     assert 0 <= float(mask.min()) and float(mask.max()) <= 1 and float(attention.max()) == 1.0
     assert 0 < float(mask.mean()) < 1
     text = ui["blend"]["text"][0]
-    assert "step 2" in text and f"source tokens [{CAT}]" in text and f"target tokens [{CAT}]" in text
+    grid = "8x8" if family == "flow" else "16x16"
+    assert text.startswith(f"step 2 (sigma ") and f"attention read at {grid}" in text, text
+    assert "source words: 'cat'" in text and "target words: 'dog'" in text, text
     assert ui["blend"]["images"] and ui["preview"]["images"]       # previews of the mask
     # the user's model is not patched in place
     model, _ = executor.node_output("model")
@@ -245,7 +306,10 @@ def test_node_bad_inputs(executor, caplog):
         ui = executor.run(blend_prompt("eps", target_prompt=SOURCE))
     mask, attention = executor.node_output("blend")
     assert not mask.any() and not attention.any()
-    assert "no changed tokens" in ui["blend"]["text"][0] and "no changed tokens" in caplog.text
+    text = ui["blend"]["text"][0]
+    assert "warning: target_prompt: tokenises the same as source_prompt (identical prompts" in text
+    assert "no attention read" in text and "source words: none" in text and "None" not in text
+    assert "Attention Mask Blend: target_prompt" in caplog.text
     # named words instead of the diff
     executor.run(blend_prompt("eps", target_prompt=SOURCE, words="sofa"))
     assert executor.node_output("blend")[1].max() == 1
