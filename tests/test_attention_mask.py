@@ -499,3 +499,20 @@ def test_existing_patches_are_chained(pack, steered, tiny_clip):
     assert calls and all(b == ("input", 1) for b in calls)
     inside_px = inside.repeat_interleave(8, 0).repeat_interleave(8, 1)
     assert out["mask"][0][inside_px].min() == 1 and out["mask"][0][~inside_px].max() == 0
+
+
+def test_mask_resolution_follows_the_latent_format(pack, tiny_clip):
+    """Image pixels per latent cell come from the model's latent format where it says
+    (newer ComfyUI: ``spacial_downscale_ratio``), else 8."""
+    import tiny_models
+
+    nodes, _, _ = pack
+    model = steer_unet(tiny_models.tiny_eps_model(seed=1))
+    latent, inside = region_latent(4, "left")
+    inversion = handmade_inversion(pack, model, latent, "eps")
+    cond = token_conditioning(768)
+    model.model.latent_format.spacial_downscale_ratio = 1          # e.g. a latent with no downsampling
+    out = nodes.attention_mask_blend(model, tiny_clip, inversion, SOURCE, TARGET, blur=0.0, dilate=0,
+                                     source=cond, target=cond)
+    assert out["mask"].shape == out["attention"].shape == (1, 16, 16)
+    assert out["mask"][0][inside].min() == 1 and out["mask"][0][~inside].max() == 0
