@@ -13,9 +13,9 @@ downloads): the numbers behind docs/diffusers.md.
 3. ComfyUI vs diffusers, the same weights (when the test ComfyUI is there): one denoiser
    call and the gnri inverted noise.
 
-The models and the reference loops are ``tests/test_diffusers.py``'s. Random networks are
-not contractive the way trained ones are: the numbers check the plumbing and rank the
-inversions, they do not predict photo PSNR.
+The models, the reference loops and the comparisons are ``tests/diffusers_cases.py``'s.
+Random networks are not contractive the way trained ones are: the numbers check the
+plumbing and rank the inversions, they do not predict photo PSNR.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ except Exception as exc:  # no test ComfyUI: sections 1 and 2 only
 
 import torch  # noqa: E402
 
-import test_diffusers as td  # noqa: E402
+import diffusers_cases as cases  # noqa: E402
 
 NAMES = {"ddim": "DDIM", "euler": "Euler", "flow": "FlowMatchEuler"}
 CASE_NAMES = {"eps": "UNet eps", "v": "UNet v", "flux": "Flux", "sd3": "SD3"}
@@ -49,31 +49,31 @@ def label(case, scheduler):
 def main():
     torch.set_num_threads(1)
     start = time.time()
-    print(f"## Cross-checks ({td.STEPS} steps, cfg {td.CFG}): max abs difference, core vs diffusers\n")
+    print(f"## Cross-checks ({cases.STEPS} steps, cfg {cases.CFG}): max abs difference, core vs diffusers\n")
     print("| model, scheduler | core `ddim` vs diffusers' inversion | `reconstruct` vs diffusers' sampling "
           "| max abs latent |")
     print("|---|---|---|---|")
-    for case, scheduler in td.CASES:
-        r = td.cross_check(case, scheduler)
+    for case, scheduler in cases.CASES:
+        r = cases.cross_check(case, scheduler)
         print(f"| {label(case, scheduler)} | {r['inversion']:.1e} | {r['sampling']:.1e} | {r['scale']:.1f} |")
 
     print("\n## Reconstruction ||x_rec - x|| / ||x||, regenerated with diffusers' own sampling loop\n")
     print("| model, scheduler | steps | cfg | diffusers' inversion | gnri (adapter) | gnri model calls |")
     print("|---|---|---|---|---|---|")
-    for steps, cfg in ((10, 1.0), (10, td.CFG), (50, 1.0)):
-        for case, scheduler in td.CASES:
-            r = td.reconstruction_errors(case, scheduler, guidance_scale=cfg, steps=steps)
+    for steps, cfg in ((10, 1.0), (10, cases.CFG), (50, 1.0)):
+        for case, scheduler in cases.CASES:
+            r = cases.reconstruction_errors(case, scheduler, guidance_scale=cfg, steps=steps)
             print(f"| {label(case, scheduler)} | {steps} | {cfg:g} | {r['diffusers']:.1e} | {r['gnri']:.1e} "
                   f"| {r['nfe']} |")
 
     if HAVE_COMFY:
-        print(f"\n## ComfyUI vs diffusers, same weights ({td.STEPS} steps, cfg {td.CFG})\n")
+        print(f"\n## ComfyUI vs diffusers, same weights ({cases.STEPS} steps, cfg {cases.CFG})\n")
         print("| model | one denoiser call, max abs diff | inverted noise (gnri), relative diff "
               "| ddim, relative diff |")
         print("|---|---|---|---|")
         for kind in ("unet", "flux"):
-            r = td.comfy_vs_diffusers(kind)
-            d = td.comfy_vs_diffusers(kind, method="ddim")
+            r = cases.comfy_vs_diffusers(kind)
+            d = cases.comfy_vs_diffusers(kind, method="ddim")
             print(f"| {'UNet eps, Euler' if kind == 'unet' else 'Flux, FlowMatchEuler'} | {r['denoised']:.1e} "
                   f"| {r['noise']:.1e} | {d['noise']:.1e} |")
     print(f"\n({time.time() - start:.0f} s)")
