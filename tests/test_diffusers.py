@@ -53,7 +53,7 @@ ATOL = 1e-4
 
 @pytest.mark.parametrize("case,scheduler_name", CASES, ids=CASE_IDS)
 def test_core_ddim_and_reconstruct_match_diffusers_schedulers(case, scheduler_name):
-    """DDIM: the core's ``ddim`` (convention "ddim_inverse") = DDIMInverseScheduler and
+    """DDIM: the core's ``ddim`` (DDIMInverseDenoiser) = DDIMInverseScheduler and
     ``reconstruct`` = DDIMScheduler (eta 0); Euler: = EulerDiscreteScheduler; flow (Flux,
     SD3): = FlowMatchEulerDiscreteScheduler; all with CFG 3, 10 steps."""
     result = cross_check(case, scheduler_name)
