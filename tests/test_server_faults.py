@@ -298,12 +298,13 @@ WARNINGS = {
     # case: (prompt builder, node that warns, words its text on the node must contain)
     "empty_latent": (_empty_latent_prompt, "invert", ["warning: latent: all zeros", "EmptyLatentImage"]),
     "blend_cfg_without_mask": (_blend_cfg_without_mask_prompt, "edit", ["warning: blend_cfg: needs a mask"]),
-    "prompt_batch_2_latent_batch_3_invert": (lambda s: invert_edit_prompt(batch=3, prompt_batch=2), "invert",
-                                             ["warning: positive: 2 prompts for a latent batch of 3",
-                                              "image 3 gets prompt 1"]),
-    "prompt_batch_2_latent_batch_3_edit": (lambda s: invert_edit_prompt(batch=3, prompt_batch=2), "edit",
-                                           ["warning: source: 2 prompts", "warning: target: 2 prompts",
-                                            "image 3 gets prompt 1"]),
+    # (other latent seeds: a cached prompt would not run the edit node again)
+    "prompt_batch_2_latent_batch_3_invert": (lambda s: invert_edit_prompt(batch=3, prompt_batch=2, latent_seed=4),
+                                             "invert", ["warning: positive: 2 prompts for a latent batch of 3",
+                                                        "image 3 gets prompt 1"]),
+    "prompt_batch_2_latent_batch_3_edit": (lambda s: invert_edit_prompt(batch=3, prompt_batch=2, latent_seed=5),
+                                           "edit", ["warning: source: 2 prompts", "warning: target: 2 prompts",
+                                                    "image 3 gets prompt 1"]),
 }
 
 
