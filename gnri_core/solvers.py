@@ -198,7 +198,7 @@ def _objective_and_gradient(p: StepProblem, o: SolverOptions, z, mu, g_scale):
             except RuntimeError as exc:  # e.g. a model implementation with in-place ops
                 raise InversionError(
                     "gradient='autograd': this model cannot be differentiated through "
-                    f"({str(exc).splitlines()[0][:120]}); use the detached gradient or the "
+                    f"({str(exc).splitlines()[0]}); use the detached gradient or the "
                     "secant update") from exc
         return objective.detach(), grad.detach(), r.detach(), fz.detach()
     fz = p.fixed_point_map(z)

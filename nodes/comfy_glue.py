@@ -2,6 +2,9 @@
 object, model-family detection and input checks. No math lives here."""
 from __future__ import annotations
 
+import logging
+import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,8 +16,10 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..gnri_core import (InversionInputError, InversionResult, check_latent, check_method, sample_guided_nr,
-                         sigmas_ascend)
+from ..gnri_core import (InversionInputError, InversionResult, check_latent, check_method, check_sigmas,
+                         sample_guided_nr, sigmas_ascend)
+
+logger = logging.getLogger(__name__)
 
 
 def model_family(model) -> str:
@@ -58,14 +63,81 @@ def check_latent_for_model(model, latent: dict, name: str = "latent") -> torch.T
     return samples
 
 
+def check_finite(**values: float) -> None:
+    """Widget values must be finite numbers (raw API prompts can send NaN / inf)."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise InversionInputError(f"{name}: must be a finite number, got {value}")
+
+
+def empty_latent_note(samples: torch.Tensor) -> list[str]:
+    if torch.count_nonzero(samples):
+        return []
+    return ["latent: all zeros (an empty latent such as EmptyLatentImage), not an encoded image; "
+            "its inversion means nothing. VAE-encode an image"]
+
+
+def batch_notes(batch: int, **conditionings: Optional[list]) -> list[str]:
+    """Which prompt each image gets when a conditioning batch does not match the latent batch
+    (ComfyUI repeats the prompts: image i gets prompt i mod n)."""
+    notes = []
+    for name, conditioning in conditionings.items():
+        sizes = {int(c[0].shape[0]) for c in conditioning or []}
+        for n in sorted(sizes - {1, batch}):
+            given = ", ".join(f"image {i + 1} gets prompt {i % n + 1}" for i in range(n, batch))
+            notes.append(f"{name}: {n} prompts for a latent batch of {batch}; "
+                         + (f"ComfyUI repeats them ({given})" if n < batch else f"prompts {batch + 1}.. are unused")
+                         + f"; give 1 or {batch} prompts")
+    return notes
+
+
+def model_fingerprint(model) -> tuple:
+    """Which weights a model has, cheaply: (a weak reference to the object holding them,
+    sums over slices of its first and last parameters)."""
+    params = list(model.get_model_object("diffusion_model").parameters())
+    sums = []
+    try:
+        for p in params[:2] + params[-2:]:
+            part = p.detach().flatten()[:4096].float()
+            sums += [float(part.sum()), float(part.abs().sum())]
+    except Exception:  # weights on "meta" or quantised tensor types: compare the object only
+        sums = []
+    return weakref.ref(model.model), tuple(sums)
+
+
+def same_weights(a: tuple, b: tuple) -> bool:
+    """The same model object (patched or not), or weights with the same sums."""
+    return a[0]() is b[0]() is not None or (len(a[1]) == len(b[1]) and all(
+        math.isclose(x, y, rel_tol=1e-4, abs_tol=1e-6) for x, y in zip(a[1], b[1])))
+
+
+def check_gradient(family: str, options: dict) -> None:
+    if options.get("gradient") == "autograd" and family == "flow":
+        raise InversionInputError(
+            "newton_form: paper_autograd differentiates through the network, which works on UNet "
+            "(EPS / V-prediction) models only; flow models (Flux, SD3) change tensors in place, "
+            "which autograd cannot follow. Use secant (the default) or paper_detached.")
+
+
+def notes_text(notes: list[str], report: str = "") -> str:
+    """A node's UI text: its warnings (also logged), then its report."""
+    for note in notes:
+        logger.warning("GNRI: %s", note)
+    return "\n".join([f"warning: {n}" for n in notes] + ([report] if report else []))
+
+
 def schedule(model, steps: int, scheduler: str, sigmas: Optional[torch.Tensor]) -> torch.Tensor:
     """Ascending sigmas for inversion: the SIGMAS input (either direction) or the
     model's ``scheduler`` schedule with ``steps`` steps, flipped."""
     if sigmas is not None:
         sigmas = sigmas.float().cpu().flatten()
-        if len(sigmas) >= 2 and not sigmas_ascend(sigmas):
-            sigmas = sigmas.flip(0)
-        return sigmas
+        if len(sigmas) < 2:
+            raise InversionInputError(
+                f"sigmas: needs at least 2 values (1 step), got {len(sigmas)}; a scheduler with "
+                "denoise 0 (or steps 0) gives an empty schedule")
+        ascending = sigmas_ascend(sigmas)
+        check_sigmas(sigmas, ascending)  # quotes the sigmas as given
+        return sigmas if ascending else sigmas.flip(0)
     if steps < 1:
         raise InversionInputError(f"steps: must be >= 1, got {steps}")
     if scheduler not in comfy.samplers.SCHEDULER_NAMES:
@@ -87,6 +159,7 @@ class GuidedNRKSampler(comfy.samplers.KSAMPLER):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         sampling = model_wrap.inner_model.model_sampling
+        check_gradient(family_of_sampling(sampling), self.extra_options)
         options = dict(self.extra_options, family=family_of_sampling(sampling),
                        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
         if latent_image is None:
@@ -126,10 +199,32 @@ class Inversion:
     latent_format: object
     settings: dict = field(default_factory=dict)
     prediction: str = ""  # the model's sampling class (EPS, V_PREDICTION, CONST, ...)
+    fingerprint: tuple = ()  # model_fingerprint of the model that inverted
 
     @property
     def sigmas(self) -> torch.Tensor:
         return self.result.sigmas
+
+
+def check_inversion_for_model(model, inversion: Inversion) -> None:
+    family = model_family(model)
+    if family != inversion.family:
+        raise InversionInputError(
+            f"inversion: made with a {inversion.family} model, but this model is {family}; "
+            "use the model that inverted the image")
+    prediction = prediction_type(model)
+    if inversion.prediction and prediction != inversion.prediction:
+        raise InversionInputError(
+            f"inversion: made with a model that predicts {inversion.prediction}, but this model "
+            f"predicts {prediction}; use the model that inverted the image")
+    channels = model.get_model_object("latent_format").latent_channels
+    if inversion.latent_shape[1] != channels:
+        raise InversionInputError(
+            f"inversion: latents have {inversion.latent_shape[1]} channels, this model expects {channels}")
+    if inversion.fingerprint and not same_weights(inversion.fingerprint, model_fingerprint(model)):
+        raise InversionInputError(
+            "inversion: made with a model with other weights than this one (another checkpoint of the "
+            "same kind); connect the model that inverted the image, or invert again with this one")
 
 
 class InvertedNoise:
@@ -194,7 +289,7 @@ def invert_latent(model, positive, negative, latent: dict, sigmas: torch.Tensor,
     out["samples"] = inverted
     inversion = Inversion(result=sink[-1], family=family, latent_shape=tuple(samples.shape),
                           model_name=type(model.model).__name__,
-                          prediction=prediction_type(model),
+                          prediction=prediction_type(model), fingerprint=model_fingerprint(model),
                           latent_format=model.get_model_object("latent_format"),
                           settings=dict(options, method=method, cfg=cfg, seed=seed))
     return out, inversion

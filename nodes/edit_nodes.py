@@ -6,11 +6,12 @@ import torch
 
 import comfy.sample
 import latent_preview
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..gnri_core.attention_mask import fit_user_mask
 from ..gnri_core import InversionInputError
-from .comfy_glue import Inversion, guided_nr_sampler, model_family, prediction_type, zero_conditioning
+from .comfy_glue import (Inversion, batch_notes, check_finite, check_inversion_for_model,  # noqa: F401 (attention)
+                         guided_nr_sampler, notes_text, zero_conditioning)
 from .inversion_nodes import CATEGORY, INVERSION, choice
 
 NEGATIVES = {"source": lambda source, target: source,
@@ -50,23 +51,6 @@ def latent_mask(mask: torch.Tensor, inversion: Inversion) -> torch.Tensor:
     return fit_user_mask(mask, batch, (height, width)).unsqueeze(1)
 
 
-def check_inversion_for_model(model, inversion: Inversion) -> None:
-    family = model_family(model)
-    if family != inversion.family:
-        raise InversionInputError(
-            f"inversion: made with a {inversion.family} model, but this model is {family}; "
-            "use the model that inverted the image")
-    prediction = prediction_type(model)
-    if inversion.prediction and prediction != inversion.prediction:
-        raise InversionInputError(
-            f"inversion: made with a model that predicts {inversion.prediction}, but this model "
-            f"predicts {prediction}; use the model that inverted the image")
-    channels = model.get_model_object("latent_format").latent_channels
-    if inversion.latent_shape[1] != channels:
-        raise InversionInputError(
-            f"inversion: latents have {inversion.latent_shape[1]} channels, this model expects {channels}")
-
-
 def blended_cfg(model, scale_map: torch.Tensor):
     """A clone of ``model`` whose CFG uses a per-pixel scale (AIDI blended guidance)."""
     patched = model.clone()
@@ -80,8 +64,14 @@ def blended_cfg(model, scale_map: torch.Tensor):
 
 def prompt_swap_edit(model, inversion: Inversion, source, target, strength: float, edit_cfg: float,
                      negative_mode: str, start_step: int, mask=None, blend_cfg: float = 0.0,
-                     negative=None) -> dict:
+                     negative=None) -> tuple[dict, list[str]]:
+    """-> (edited LATENT, warnings)."""
+    check_finite(strength=strength, edit_cfg=edit_cfg, blend_cfg=blend_cfg)
     check_inversion_for_model(model, inversion)
+    notes = batch_notes(inversion.latent_shape[0], source=source, target=target, negative=negative)
+    if blend_cfg > 0 and mask is None:
+        notes.append("blend_cfg: needs a mask and is ignored without one; connect a mask (e.g. from "
+                     "Attention Mask Blend) or set blend_cfg to 0")
     sigmas = inversion.sigmas.flip(0)
     steps = len(sigmas) - 1
     if not 0 <= start_step <= steps:
@@ -108,7 +98,7 @@ def prompt_swap_edit(model, inversion: Inversion, source, target, strength: floa
     samples = comfy.sample.sample_custom(
         model, torch.zeros_like(start), cfg, sampler, sigmas, edited, negative, start,
         callback=callback, seed=inversion.settings.get("seed", 0))
-    return {"samples": samples}
+    return {"samples": samples}, notes
 
 
 class PromptSwapEdit(io.ComfyNode):
@@ -145,5 +135,6 @@ class PromptSwapEdit(io.ComfyNode):
     @classmethod
     def execute(cls, model, inversion, source, target, strength, edit_cfg, negative_mode, start_step,
                 mask=None, blend_cfg=0.0, negative=None) -> io.NodeOutput:
-        return io.NodeOutput(prompt_swap_edit(model, inversion, source, target, strength, edit_cfg,
-                                              negative_mode, start_step, mask, blend_cfg, negative))
+        edited, notes = prompt_swap_edit(model, inversion, source, target, strength, edit_cfg, negative_mode,
+                                         start_step, mask, blend_cfg, negative)
+        return io.NodeOutput(edited, ui=ui.PreviewText(notes_text(notes)))

@@ -5,7 +5,8 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..gnri_core import DEFAULTS, METHODS, InversionInputError
-from .comfy_glue import InvertedNoise, guided_nr_sampler, invert_latent, schedule
+from .comfy_glue import (InvertedNoise, batch_notes, check_finite, empty_latent_note, guided_nr_sampler,
+                         invert_latent, notes_text, schedule)
 
 INVERSION = io.Custom("INVERSION")
 CATEGORY = "sampling/inversion"
@@ -57,6 +58,7 @@ def choice(table: dict, value: str, name: str) -> dict:
 
 def solver_options(method: str, iterations: int, tolerance: float, lam: float,
                    sampler: str = "euler", newton_form: str = "secant") -> dict:
+    check_finite(tolerance=tolerance, lam=lam)
     options = dict(choice(SAMPLERS, sampler, "sampler"))
     if method != "ddim":
         options.update(max_iters=iterations, tol=tolerance, lam=lam)
@@ -101,6 +103,7 @@ class GNRIInvert(io.ComfyNode):
     def execute(cls, model, positive, latent, steps, scheduler, cfg, method, iterations,
                 tolerance, lam, sampler, newton_form, noise_seed=0, negative=None,
                 sigmas=None) -> io.NodeOutput:
+        check_finite(cfg=cfg)
         ascending = schedule(model, steps, scheduler, sigmas)
         options = solver_options(method, iterations, tolerance, lam, sampler, newton_form)
         inverted, inversion = invert_latent(model, positive, negative, latent, ascending, cfg, method,
@@ -108,8 +111,10 @@ class GNRIInvert(io.ComfyNode):
         noise = InvertedNoise(inversion.result.noise, float(ascending[-1]),
                               model.get_model_object("model_sampling"), inversion.latent_format,
                               seed=noise_seed)
+        samples = latent["samples"]
+        notes = empty_latent_note(samples) + batch_notes(samples.shape[0], positive=positive, negative=negative)
         return io.NodeOutput(inverted, noise, ascending.flip(0), inversion,
-                             ui=ui.PreviewText(inversion.result.summary()))
+                             ui=ui.PreviewText(notes_text(notes, inversion.result.summary())))
 
 
 class GuidedNRSampler(io.ComfyNode):

@@ -25,57 +25,62 @@ GNRI_DEFAULTS = {"cfg": 1.0, "method": "gnri", "iterations": 3, "tolerance": 1e-
                  "sampler": "euler", "newton_form": "secant", "noise_seed": 0}
 
 
-def image_and_prompts(model, clip, vae, x=0):
+# Columns (x) and sizes chosen so that no nodes overlap (titles included) and every graph
+# fits a 1080p window at about 90 % zoom (tests/test_browser.py checks both).
+COL_A, COL_B, COL_C, COL_D, COL_E, COL_F = 0, 330, 710, 1040, 1350, 1580
+
+
+def image_and_prompts(model, clip, vae, image_y=500):
     """LoadImage -> VAEEncode, source and target CLIPTextEncode (ids 10-13)."""
     return [
-        node(10, "LoadImage", [x, 420], {"image": "example.png"}, title="Your photo"),
-        node(11, "VAEEncode", [x + 340, 420], links={"pixels": (10, 0), "vae": vae}),
-        node(12, "CLIPTextEncode", [x + 340, 0], {"text": SOURCE}, {"clip": clip},
-             title="Source prompt (describes the photo)", size=(400, 120)),
-        node(13, "CLIPTextEncode", [x + 340, 180], {"text": TARGET}, {"clip": clip},
-             title="Target prompt (one thing changed)", size=(400, 120)),
+        node(10, "LoadImage", [COL_A, image_y], {"image": "example.png"}, title="Your photo", size=(300, 330)),
+        node(11, "VAEEncode", [COL_B, 350], links={"pixels": (10, 0), "vae": vae}, size=(200, 50)),
+        node(12, "CLIPTextEncode", [COL_B, 0], {"text": SOURCE}, {"clip": clip},
+             title="Source prompt (describes the photo)", size=(340, 130)),
+        node(13, "CLIPTextEncode", [COL_B, 180], {"text": TARGET}, {"clip": clip},
+             title="Target prompt (one thing changed)", size=(340, 130)),
     ]
 
 
-def invert_and_regenerate(model, steps, scheduler, vae, x=800):
+def invert_and_regenerate(model, steps, scheduler, vae):
     """GNRIInvert -> SamplerCustomAdvanced(euler) -> VAEDecode -> preview (ids 20-25)."""
     return [
-        node(20, "GNRIInvert", [x, 0], {**GNRI_DEFAULTS, "steps": steps, "scheduler": scheduler},
-             {"model": model, "positive": (12, 0), "latent": (11, 0)}, size=(340, 400)),
-        node(21, "BasicGuider", [x + 380, 0], links={"model": model, "conditioning": (12, 0)}),
-        node(22, "KSamplerSelect", [x + 380, 120], {"sampler_name": "euler"}),
-        node(23, "SamplerCustomAdvanced", [x + 380, 240],
+        node(20, "GNRIInvert", [COL_C, 0], {**GNRI_DEFAULTS, "steps": steps, "scheduler": scheduler},
+             {"model": model, "positive": (12, 0), "latent": (11, 0)}, size=(300, 520)),
+        node(21, "BasicGuider", [COL_D, 0], links={"model": model, "conditioning": (12, 0)}, size=(270, 50)),
+        node(22, "KSamplerSelect", [COL_D, 90], {"sampler_name": "euler"}, size=(270, 60)),
+        node(23, "SamplerCustomAdvanced", [COL_D, 190],
              links={"noise": (20, 1), "guider": (21, 0), "sampler": (22, 0), "sigmas": (20, 2),
-                    "latent_image": (11, 0)}, title="Reconstruction (same prompt)"),
-        node(24, "VAEDecode", [x + 720, 240], links={"samples": (23, 0), "vae": vae}),
-        node(25, "PreviewImage", [x + 960, 240], links={"images": (24, 0)}, title="Reconstruction"),
+                    "latent_image": (11, 0)}, title="Reconstruction (same prompt)", size=(270, 110)),
+        node(24, "VAEDecode", [COL_E, 190], links={"samples": (23, 0), "vae": vae}, size=(200, 50)),
+        node(25, "PreviewImage", [COL_F, 0], links={"images": (24, 0)}, title="Reconstruction", size=(300, 300)),
     ]
 
 
-def edit(model, vae, edit_cfg=1.0, mask=None, x=800):
+def edit(model, vae, edit_cfg=1.0, mask=None):
     """PromptSwapEdit -> VAEDecode -> SaveImage (ids 30-32)."""
     links = {"model": model, "inversion": (20, 3), "source": (12, 0), "target": (13, 0)}
     if mask is not None:
         links["mask"] = mask
     return [
-        node(30, "PromptSwapEdit", [x + 380, 520],
+        node(30, "PromptSwapEdit", [COL_D, 350],
              {"strength": 1.0, "edit_cfg": edit_cfg, "negative_mode": "source", "start_step": 0,
-              "blend_cfg": 0.0}, links, size=(320, 300)),
-        node(31, "VAEDecode", [x + 720, 520], links={"samples": (30, 0), "vae": vae}),
-        node(32, "SaveImage", [x + 960, 520], {"filename_prefix": "gnri_edit"}, {"images": (31, 0)},
-             title="Edited photo"),
+              "blend_cfg": 0.0}, links, size=(270, 260)),
+        node(31, "VAEDecode", [COL_E, 350], links={"samples": (30, 0), "vae": vae}, size=(200, 50)),
+        node(32, "SaveImage", [COL_F, 350], {"filename_prefix": "gnri_edit"}, {"images": (31, 0)},
+             title="Edited photo", size=(300, 320)),
     ]
 
 
-def attention_mask(model, clip, x=800):
+def attention_mask(model, clip):
     """AttentionMaskBlend -> mask preview (ids 40-42)."""
     return [
-        node(40, "AttentionMaskBlend", [x, 560],
+        node(40, "AttentionMaskBlend", [COL_C, 570],
              {"source_prompt": SOURCE, "target_prompt": TARGET},
              {"model": model, "clip": clip, "inversion": (20, 3), "source": (12, 0), "target": (13, 0)},
-             size=(340, 360)),
-        node(41, "MaskToImage", [x + 380, 900], links={"mask": (40, 0)}),
-        node(42, "PreviewImage", [x + 620, 900], links={"images": (41, 0)}, title="Edit mask"),
+             size=(300, 400)),
+        node(41, "MaskToImage", [COL_D, 660], links={"mask": (40, 0)}, size=(270, 30)),
+        node(42, "PreviewImage", [COL_E, 720], links={"images": (41, 0)}, title="Edit mask", size=(260, 260)),
     ]
 
 
@@ -112,26 +117,30 @@ ComfyUI's native FlipSigmas inversion returns inf on Flux."""
 CHECK_NOTE = """## Reconstruction check: GNRI vs ComfyUI's native inversion
 
 Both invert the photo with the same prompt and 4 `sgm_uniform` steps and regenerate it:
-- top: ComfyUI's native inversion (BasicScheduler → FlipSigmas → SamplerCustom euler),
-- bottom: GNRI Invert → SamplerCustomAdvanced euler.
+- GNRI: GNRI Invert → SamplerCustomAdvanced euler (top row),
+- native: BasicScheduler → FlipSigmas → SamplerCustom euler, twice (below it).
 The previews show input | native | GNRI, and the absolute differences to the input.
 Use an SDXL-Turbo (or any) checkpoint; for flow models the native path gives inf."""
 
 
+def checkpoint(name, note_text):
+    """The read-me note and a checkpoint loader in the first column (ids 1-2)."""
+    return [note(2, [COL_A, 0], note_text, size=(300, 310)),
+            node(1, "CheckpointLoaderSimple", [COL_A, 350], {"ckpt_name": name}, size=(300, 100))]
+
+
 def sd15():
     model, clip, vae = (1, 0), (1, 1), (1, 2)
-    return [note(2, [-480, 0], SD15_NOTE),
-            node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
-            *image_and_prompts(model, clip, vae, x=0),
+    return [*checkpoint("v1-5-pruned-emaonly.safetensors", SD15_NOTE),
+            *image_and_prompts(model, clip, vae),
             *invert_and_regenerate(model, 50, "ddim_uniform", vae),
             *edit(model, vae)]
 
 
 def turbo():
     model, clip, vae = (1, 0), (1, 1), (1, 2)
-    return [note(2, [-480, 0], TURBO_NOTE),
-            node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"}),
-            *image_and_prompts(model, clip, vae, x=0),
+    return [*checkpoint("sd_xl_turbo_1.0_fp16.safetensors", TURBO_NOTE),
+            *image_and_prompts(model, clip, vae),
             *invert_and_regenerate(model, 4, "sgm_uniform", vae),
             *attention_mask(model, clip),
             *edit(model, vae, edit_cfg=1.2, mask=(40, 0))]
@@ -139,12 +148,14 @@ def turbo():
 
 def flux():
     model, clip, vae = (1, 0), (3, 0), (4, 0)
-    return [note(2, [-480, 0], FLUX_NOTE),
-            node(1, "UNETLoader", [-480, 300], {"unet_name": "flux1-schnell.safetensors", "weight_dtype": "default"}),
-            node(3, "DualCLIPLoader", [-480, 440], {"clip_name1": "clip_l.safetensors",
-                                                    "clip_name2": "t5xxl_fp8_e4m3fn.safetensors", "type": "flux"}),
-            node(4, "VAELoader", [-480, 620], {"vae_name": "ae.safetensors"}),
-            *image_and_prompts(model, clip, vae, x=0),
+    return [note(2, [COL_A, 0], FLUX_NOTE, size=(300, 250)),
+            node(1, "UNETLoader", [COL_A, 290], {"unet_name": "flux1-schnell.safetensors", "weight_dtype": "default"},
+                 size=(300, 82)),
+            node(3, "DualCLIPLoader", [COL_A, 410], {"clip_name1": "clip_l.safetensors",
+                                                     "clip_name2": "t5xxl_fp8_e4m3fn.safetensors", "type": "flux"},
+                 size=(300, 130)),
+            node(4, "VAELoader", [COL_A, 580], {"vae_name": "ae.safetensors"}, size=(300, 58)),
+            *image_and_prompts(model, clip, vae, image_y=680),
             *invert_and_regenerate(model, 4, "simple", vae),
             *attention_mask(model, clip),
             *edit(model, vae, mask=(40, 0))]
@@ -152,31 +163,33 @@ def flux():
 
 def reconstruction_check():
     model, clip, vae = (1, 0), (1, 1), (1, 2)
-    nodes = [note(2, [-480, 0], CHECK_NOTE),
-             node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"}),
-             *image_and_prompts(model, clip, vae, x=0)[:3],
+    nodes = [*checkpoint("sd_xl_turbo_1.0_fp16.safetensors", CHECK_NOTE),
+             *image_and_prompts(model, clip, vae)[:3],
              *invert_and_regenerate(model, 4, "sgm_uniform", vae)[:5]]
     custom = {"add_noise": False, "noise_seed": 0, "cfg": 1.0}
+    col_g = COL_F + 250
     nodes += [
-        node(50, "BasicScheduler", [800, -420], {"scheduler": "sgm_uniform", "steps": 4, "denoise": 1.0},
-             {"model": model}),
-        node(51, "FlipSigmas", [1140, -420], links={"sigmas": (50, 0)}),
-        node(52, "SamplerCustom", [1380, -520], custom,
+        node(50, "BasicScheduler", [COL_C, 570], {"scheduler": "sgm_uniform", "steps": 4, "denoise": 1.0},
+             {"model": model}, size=(300, 110)),
+        node(51, "FlipSigmas", [COL_C, 720], links={"sigmas": (50, 0)}, size=(300, 30)),
+        node(52, "SamplerCustom", [COL_D, 350], custom,
              {"model": model, "positive": (12, 0), "negative": (12, 0), "sampler": (22, 0),
-              "sigmas": (51, 0), "latent_image": (11, 0)}, title="Native inversion (FlipSigmas)"),
-        node(53, "SamplerCustom", [1720, -520], custom,
+              "sigmas": (51, 0), "latent_image": (11, 0)}, title="Native inversion (FlipSigmas)", size=(270, 230)),
+        node(53, "SamplerCustom", [COL_D, 620], custom,
              {"model": model, "positive": (12, 0), "negative": (12, 0), "sampler": (22, 0),
-              "sigmas": (50, 0), "latent_image": (52, 0)}, title="Native reconstruction"),
-        node(54, "VAEDecode", [2060, -520], links={"samples": (53, 0), "vae": vae}),
-        node(60, "ImageBatch", [2300, -200], links={"image1": (10, 0), "image2": (54, 0)}),
-        node(61, "ImageBatch", [2540, -200], links={"image1": (60, 0), "image2": (24, 0)}),
-        node(62, "PreviewImage", [2780, -200], links={"images": (61, 0)}, title="input | native | GNRI"),
-        node(63, "ImageBlend", [2300, 200], {"blend_factor": 1.0, "blend_mode": "difference"},
-             {"image1": (10, 0), "image2": (54, 0)}, title="|input - native|"),
-        node(64, "ImageBlend", [2300, 420], {"blend_factor": 1.0, "blend_mode": "difference"},
-             {"image1": (10, 0), "image2": (24, 0)}, title="|input - GNRI|"),
-        node(65, "ImageBatch", [2540, 300], links={"image1": (63, 0), "image2": (64, 0)}),
-        node(66, "PreviewImage", [2780, 300], links={"images": (65, 0)}, title="differences: native | GNRI"),
+              "sigmas": (50, 0), "latent_image": (52, 0)}, title="Native reconstruction", size=(270, 230)),
+        node(54, "VAEDecode", [COL_E, 640], links={"samples": (53, 0), "vae": vae}, size=(200, 50)),
+        node(60, "ImageBatch", [COL_F, 190], links={"image1": (10, 0), "image2": (54, 0)}, size=(200, 50)),
+        node(61, "ImageBatch", [COL_F, 280], links={"image1": (60, 0), "image2": (24, 0)}, size=(200, 50)),
+        node(62, "PreviewImage", [col_g, 0], links={"images": (61, 0)}, title="input | native | GNRI",
+             size=(320, 400)),
+        node(63, "ImageBlend", [COL_E, 350], {"blend_factor": 1.0, "blend_mode": "difference"},
+             {"image1": (10, 0), "image2": (54, 0)}, title="|input - native|", size=(200, 102)),
+        node(64, "ImageBlend", [COL_E, 490], {"blend_factor": 1.0, "blend_mode": "difference"},
+             {"image1": (10, 0), "image2": (24, 0)}, title="|input - GNRI|", size=(200, 102)),
+        node(65, "ImageBatch", [COL_F, 490], links={"image1": (63, 0), "image2": (64, 0)}, size=(200, 50)),
+        node(66, "PreviewImage", [col_g, 450], links={"images": (65, 0)}, title="differences: native | GNRI",
+             size=(320, 400)),
     ]
     return nodes
 

@@ -20,7 +20,7 @@ demo=0
 demo_args=()
 comfy_args=()
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,7 +33,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-echo "==> Setting up (first run: a virtual environment with torch and ComfyUI's requirements; minutes) ..."
+if [ ! -f .venv/.torch-ok ] || ! compgen -G ".venv/.reqs-*" >/dev/null \
+    || { [ -z "${GNRI_COMFYUI_PATH:-}" ] && [ ! -f .comfyui/main.py ]; }; then
+  echo "==> Setting up (first run: a virtual environment with torch and ComfyUI's requirements; minutes) ..."
+fi
 source scripts/setup_env.sh
 COMFY="$GNRI_COMFYUI_PATH"
 

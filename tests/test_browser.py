@@ -108,10 +108,16 @@ def load(name: str) -> dict:
 
 
 def open_from_template_browser(page, stem: str) -> None:
+    """Opens the pack's templates, checks the card's thumbnail loaded, loads the workflow."""
     page.keyboard.press("Escape")
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text(PACK_LINK_NAME, exact=True).first.click(timeout=30_000)
-    page.locator(f'[data-testid="template-workflow-{stem}"]').click(timeout=30_000)
+    card = page.locator(f'[data-testid="template-workflow-{stem}"]')
+    thumbnail = card.locator(f'img[alt="{stem}"]').first   # src: a blob of <stem>.jpg
+    thumbnail.wait_for(timeout=30_000)
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle(),
+                           timeout=30_000)
+    card.click(timeout=30_000)
 
 
 INSPECT = """() => {
@@ -136,9 +142,21 @@ INSPECT = """() => {
     }
   }
   const ds = app.canvas.ds;
+  // layout: node boxes with their title bars; the zoom at which the graph fits a 1080p window
+  const boxes = app.graph.nodes.map(n => ({id: n.id, r: n.boundingRect}));
+  const overlaps = [];
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i].r, b = boxes[j].r;
+    if (a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3])
+      overlaps.push([boxes[i].id, boxes[j].id]);
+  }
+  const x0 = Math.min(...boxes.map(b => b.r[0])), y0 = Math.min(...boxes.map(b => b.r[1]));
+  const x1 = Math.max(...boxes.map(b => b.r[0] + b.r[2])), y1 = Math.max(...boxes.map(b => b.r[1] + b.r[3]));
+  const fit1080 = Math.min((1920 - 48) / (x1 - x0), (1080 - 48) / (y1 - y0));
   return {missing: window.__gnriMissing.slice(), problems, serialized: app.graph.serialize(),
-          count: app.graph.nodes.length, scale: ds.scale};
+          count: app.graph.nodes.length, scale: ds.scale, overlaps, fit1080};
 }"""
+FIT_1080_MIN = 0.85   # graphs read at the zoom that fits them into a 1080p window
 
 
 def screenshot(page, path: str) -> None:
@@ -176,6 +194,13 @@ def test_template_endpoint_lists_every_example_workflow(comfy_server):
     assert sorted(listed) == sorted(f[:-5] for f in FILES)
 
 
+@pytest.mark.parametrize("name", FILES)
+def test_template_thumbnail_is_served(comfy_server, name):
+    """The frontend (1.32.9) shows /api/workflow_templates/<pack>/<name>.jpg on the card."""
+    r = requests.get(f"{comfy_server.base_url}/api/workflow_templates/{PACK_LINK_NAME}/{name[:-5]}.jpg", timeout=10)
+    assert r.status_code == 200 and r.content[:3] == b"\xff\xd8\xff", (r.status_code, r.content[:16])
+
+
 @pytest.mark.skipif(not FILES, reason="example_workflows/ has no .json file yet")
 @pytest.mark.parametrize("name", FILES)
 def test_workflow_loads_in_frontend(frontend, comfy_server, name, tmp_path):
@@ -188,6 +213,9 @@ def test_workflow_loads_in_frontend(frontend, comfy_server, name, tmp_path):
     state = page.evaluate(INSPECT)
 
     assert state["missing"] == [], f"the frontend reports missing node types: {state['missing']}"
+    assert state["overlaps"] == [], f"overlapping nodes (ids): {state['overlaps']}"
+    assert state["fit1080"] >= FIT_1080_MIN, f"fits a 1080p window at {state['fit1080']:.0%} zoom only"
+    print(f"\n{stem}: fits 1080p at {state['fit1080']:.0%} zoom")
     file_problems = [p for p in state["problems"]
                      if not (p.startswith("combo") and p.split(".", 1)[1].split(":")[0] in FILE_INPUTS)]
     assert file_problems == [], "\n".join(file_problems)
@@ -218,4 +246,62 @@ def test_workflow_loads_in_frontend(frontend, comfy_server, name, tmp_path):
     if os.environ.get("GNRI_UPDATE_SCREENSHOTS") == "1":
         os.makedirs(SCREENSHOT_DIR, exist_ok=True)
         shutil.copy(path, os.path.join(SCREENSHOT_DIR, f"{stem}.png"))
+    print(f"\nscreenshot: {path}")
+
+
+def report_prompt() -> dict:
+    """Tiny models (API format): GNRI Invert (its report) and Attention Mask Blend with
+    identical prompts (a warning)."""
+    text = "a photo of a cat on a sofa"
+
+    def node(kind, **inputs):
+        return {"class_type": kind, "inputs": inputs}
+
+    return {
+        "1": node("GNRITestTinyModel", family="eps", dtype="fp32", seed=0),
+        "2": node("GNRITestLatent", family="eps", batch=1, width=128, height=128, seed=0),
+        "3": node("CLIPTextEncode", clip=["1", 1], text=text),
+        "4": node("GNRIInvert", model=["1", 0], positive=["3", 0], latent=["2", 0], steps=3, scheduler="simple",
+                  cfg=1.0, method="gnri", iterations=2, tolerance=0.0, lam=0.1, sampler="euler",
+                  newton_form="secant", noise_seed=0),
+        "5": node("AttentionMaskBlend", model=["1", 0], clip=["1", 1], inversion=["4", 3], source_prompt=text,
+                  target_prompt=text, threshold=0.6, blur=1.0, dilate=1, step=-1),
+        "6": node("MaskToImage", mask=["5", 0]),
+        "7": node("PreviewImage", images=["6", 0]),
+        "8": node("GNRITestLatentStats", latent_a=["2", 0], latent_b=["4", 0]),
+    }
+
+
+# the report boxes a user sees: displayed, and laid out at a readable size
+REPORTS = """() => Array.from(document.querySelectorAll('.gnri-report'))
+    .filter(e => e.offsetParent !== null && e.getBoundingClientRect().width > 50
+                 && e.getBoundingClientRect().height > 20).map(e => e.textContent)"""
+
+
+def test_reports_and_warnings_are_drawn_on_nodes(frontend, tmp_path):
+    """Run from the frontend (the Run button's queuePrompt): GNRI Invert's report and
+    Attention Mask Blend's warning are drawn on the nodes; λ is labelled."""
+    page = frontend
+    page.keyboard.press("Escape")
+    page.evaluate("(p) => window.app.loadApiJson(p, 'gnri_node_reports')", report_prompt())
+    page.wait_for_function("() => window.app.graph.nodes.length === 8", timeout=30_000)
+
+    label = page.evaluate("""() => window.app.graph.getNodeById(4).widgets.find(w => w.name === 'lam').label""")
+    assert label == "λ (guidance)"
+
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    page.wait_for_function(f"""() => {{ const t = ({REPORTS})();
+        return t.some(s => s.includes('model calls')) && t.some(s => s.includes('warning:')); }}""",
+                           timeout=120_000)
+    texts = page.evaluate(REPORTS)
+    report = next(t for t in texts if "model calls" in t)
+    assert "step 3:" in report and "residual" in report, report
+    warning = next(t for t in texts if "warning:" in t)
+    assert "tokenises the same as source_prompt" in warning, warning
+
+    path = str(tmp_path / "gnri_node_reports.png")
+    screenshot(page, path)
+    if os.environ.get("GNRI_UPDATE_SCREENSHOTS") == "1":
+        os.makedirs(SCREENSHOT_DIR, exist_ok=True)
+        shutil.copy(path, os.path.join(SCREENSHOT_DIR, "gnri_node_reports.png"))
     print(f"\nscreenshot: {path}")

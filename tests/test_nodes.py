@@ -252,7 +252,10 @@ def test_errors_from_node_functions(tiny_eps, tiny_clip, comfy):
     nan["samples"][0, 0, 0, 0] = float("nan")
     cases = [
         (dict(latent=nan), "NaN"),
-        (dict(latent=good, sigmas=torch.tensor([14.6, 2.0, 5.0, 0.0])), "strictly ascending"),
+        (dict(latent=good, sigmas=torch.tensor([14.6, 2.0, 5.0, 0.0])), r"strictly descending, got \[14.6, 2.0"),
+        (dict(latent=good, sigmas=torch.tensor([])), "sigmas: needs at least 2 values"),
+        (dict(latent=good, cfg=float("nan")), "cfg: must be a finite number"),
+        (dict(latent=good, lam=float("inf")), "lam: must be a finite number"),
         (dict(latent=good, steps=0), "steps"),
         (dict(latent=good, method="magic"), "unknown method"),
     ]

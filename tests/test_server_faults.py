@@ -8,7 +8,10 @@ validation rejects), and the server must run the next good prompt.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -93,10 +96,20 @@ def mask_nodes(batch: int = 1) -> dict:
 
 # ----------------------------------------------------------------------------- helpers
 
+def queue_raw(server, prompt: dict) -> str:
+    """POST /prompt with the JSON as a client may send it (NaN and Infinity allowed;
+    requests' json= refuses them)."""
+    r = requests.post(server.base_url + "/prompt", data=json.dumps({"prompt": prompt, "client_id": "gnri-faults"}),
+                      headers={"Content-Type": "application/json"}, timeout=30)
+    if r.status_code != 200:
+        raise server.rejected(r.json())
+    return r.json()["prompt_id"]
+
+
 def history_error(server, prompt: dict, timeout: float = 60.0) -> dict:
     """Queue ``prompt`` (it must pass validation), wait, and return the execution_error
     message stored in /history for it."""
-    prompt_id = server.queue(prompt)
+    prompt_id = queue_raw(server, prompt)
     entry = server.wait(prompt_id, timeout)
     assert entry["status"]["status_str"] == "error", entry["status"]
     errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
@@ -194,11 +207,62 @@ def _other_family_prompt(server):
     return prompt
 
 
+def _empty_sigmas_prompt(server):
+    prompt = invert_edit_prompt()
+    prompt["sched"] = tiny("BasicScheduler", model=["model", 0], scheduler="simple", steps=4, denoise=0.0)
+    prompt["invert"]["inputs"]["sigmas"] = ["sched", 0]
+    return prompt
+
+
+def _nan_widget_prompt(node: str, name: str):
+    def build(server):
+        prompt = invert_edit_prompt()
+        prompt[node]["inputs"][name] = float("nan")
+        return prompt
+    return build
+
+
+def _other_weights_prompt(server):
+    prompt = invert_edit_prompt()                           # inverted with the seed-0 model ...
+    prompt["other_model"] = tiny("GNRITestTinyModel", family="eps", dtype="fp32", seed=1)
+    prompt["edit"]["inputs"]["model"] = ["other_model", 0]  # ... edited with other weights of its kind
+    return prompt
+
+
+def _other_weights_mask_prompt(server):
+    prompt = _other_weights_prompt(server)
+    info = server.object_info()["AttentionMaskBlend"]
+    prompt["attn"] = attention_node(info)
+    prompt["attn"]["inputs"]["model"] = ["other_model", 0]
+    prompt["attn_image"] = tiny("MaskToImage", mask=["attn", 0])
+    prompt["attn_preview"] = tiny("PreviewImage", images=["attn_image", 0])
+    del prompt["edit"], prompt["stats"]
+    prompt["stats"] = stats(b="invert")
+    return prompt
+
+
+def _flow_autograd_prompt(server):
+    prompt = invert_edit_prompt("flow")
+    prompt["invert"]["inputs"]["newton_form"] = "paper_autograd"
+    return prompt
+
+
 EXECUTION_ERRORS = {
     # case: (prompt builder, node that fails, words the message must contain)
     "latent_channels": (_channels_prompt, "invert", ["latent:", "16 channels", "expects 4"]),
     "nan_latent": (_nan_latent_prompt, "invert", ["latent:", "NaN"]),
-    "non_monotonic_sigmas": (_sigmas_prompt, "invert", ["sigmas", "strictly ascending"]),
+    # the sigmas as given (descending, first set to 1), not flipped
+    "non_monotonic_sigmas": (_sigmas_prompt, "invert", ["sigmas", "strictly descending", "got [1.0, "]),
+    "empty_sigmas": (_empty_sigmas_prompt, "invert", ["sigmas:", "at least 2 values", "got 0", "denoise 0"]),
+    "nan_strength": (_nan_widget_prompt("edit", "strength"), "edit", ["strength: must be a finite number", "nan"]),
+    "nan_edit_cfg": (_nan_widget_prompt("edit", "edit_cfg"), "edit", ["edit_cfg: must be a finite number"]),
+    "nan_cfg": (_nan_widget_prompt("invert", "cfg"), "invert", ["cfg: must be a finite number"]),
+    "nan_tolerance": (_nan_widget_prompt("invert", "tolerance"), "invert", ["tolerance: must be a finite number"]),
+    "nan_lam": (_nan_widget_prompt("invert", "lam"), "invert", ["lam: must be a finite number"]),
+    "inversion_other_weights": (_other_weights_prompt, "edit", ["inversion:", "other weights"]),
+    "mask_other_weights": (_other_weights_mask_prompt, "attn", ["inversion:", "other weights"]),
+    "flow_paper_autograd": (_flow_autograd_prompt, "invert",
+                            ["newton_form: paper_autograd", "UNet", "Use secant (the default) or paper_detached."]),
     "mask_batch": (_mask_batch_prompt, "edit", ["mask:", "batch of 2 masks", "3"]),
     "inversion_other_family": (_other_family_prompt, "edit", ["inversion:", "made with a flow model"]),
     "unknown_method": (_unknown_method_prompt, "invert", ["unknown method 'x'", "gnri"]),
@@ -216,6 +280,79 @@ def test_bad_input_is_a_node_error_in_history(comfy_server, case):
         assert word in message, message
     assert "Traceback" not in message
     assert_good_prompt_runs(comfy_server)
+
+
+def _empty_latent_prompt(server):
+    prompt = invert_edit_prompt()
+    prompt["latent"] = tiny("EmptyLatentImage", width=128, height=128, batch_size=1)
+    return prompt
+
+
+def _blend_cfg_without_mask_prompt(server):
+    prompt = invert_edit_prompt()
+    prompt["edit"]["inputs"]["blend_cfg"] = 2.0
+    return prompt
+
+
+WARNINGS = {
+    # case: (prompt builder, node that warns, words its text on the node must contain)
+    "empty_latent": (_empty_latent_prompt, "invert", ["warning: latent: all zeros", "EmptyLatentImage"]),
+    "blend_cfg_without_mask": (_blend_cfg_without_mask_prompt, "edit", ["warning: blend_cfg: needs a mask"]),
+    # (other latent seeds: a cached prompt would not run the edit node again)
+    "prompt_batch_2_latent_batch_3_invert": (lambda s: invert_edit_prompt(batch=3, prompt_batch=2, latent_seed=4),
+                                             "invert", ["warning: positive: 2 prompts for a latent batch of 3",
+                                                        "image 3 gets prompt 1"]),
+    "prompt_batch_2_latent_batch_3_edit": (lambda s: invert_edit_prompt(batch=3, prompt_batch=2, latent_seed=5),
+                                           "edit", ["warning: source: 2 prompts", "warning: target: 2 prompts",
+                                                    "image 3 gets prompt 1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WARNINGS))
+def test_odd_input_runs_with_a_warning_on_the_node(comfy_server, case):
+    build, node, words = WARNINGS[case]
+    entry = comfy_server.run(build(comfy_server))
+    text = "\n".join(entry["outputs"][node]["text"])
+    for word in words:
+        assert word in text, text
+
+
+def test_good_input_has_no_warning(comfy_server):
+    entry = comfy_server.run(good_prompt())
+    assert entry["outputs"]["edit"]["text"] == [""]
+    assert "warning" not in entry["outputs"]["invert"]["text"][0]
+    assert "model calls" in entry["outputs"]["invert"]["text"][0]
+
+
+def test_comfyui_without_v3_api_logs_the_minimum_version(tmp_path):
+    """A ComfyUI without comfy_api.latest: one clear log line, no nodes; without any
+    ComfyUI (plain gnri_core users): silence."""
+    import comfy_env
+
+    loader = ("import importlib.util, logging, os, sys\n"
+              "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+              "root = sys.argv[1]\n"
+              "spec = importlib.util.spec_from_file_location('ComfyUI-GNRI', os.path.join(root, '__init__.py'),\n"
+              "                                              submodule_search_locations=[root])\n"
+              "module = importlib.util.module_from_spec(spec)\n"
+              "sys.modules['ComfyUI-GNRI'] = module\n"
+              "spec.loader.exec_module(module)\n"
+              "print('entrypoint', hasattr(module, 'comfy_entrypoint'))\n")
+    old_comfy = tmp_path / "old_comfyui"
+    for package in ("comfy", "comfy_api"):
+        (old_comfy / package).mkdir(parents=True)
+        (old_comfy / package / "__init__.py").write_text("")
+    runs = {}
+    for name, path in (("old", str(old_comfy)), ("none", str(tmp_path))):
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["PYTHONPATH"] = path
+        runs[name] = subprocess.run([sys.executable, "-c", loader, comfy_env.REPO_ROOT], capture_output=True,
+                                    text=True, env=env, cwd=str(tmp_path), timeout=120)
+    old, none = runs["old"], runs["none"]
+    assert "entrypoint False" in old.stdout, old.stdout + old.stderr
+    lines = [line for line in old.stderr.splitlines() if "ComfyUI-GNRI" in line]
+    assert len(lines) == 1 and "comfy_api.latest" in lines[0] and "ComfyUI 0.3.75 or newer" in lines[0], old.stderr
+    assert "entrypoint False" in none.stdout and none.stderr == "", none.stdout + none.stderr
 
 
 VALIDATION_ERRORS = {
