@@ -7,7 +7,7 @@ torch-only solver in ``gnri_core/``.
 import importlib.util
 import logging
 
-MIN_COMFYUI = "0.3.75"
+MIN_COMFYUI = "0.3.48"  # first release with comfy_api.latest (V3 io.ComfyNode); Flux attention masks need 0.3.60
 WEB_DIRECTORY = "./web"
 
 try:  # inside ComfyUI

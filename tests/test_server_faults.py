@@ -351,7 +351,7 @@ def test_comfyui_without_v3_api_logs_the_minimum_version(tmp_path):
     old, none = runs["old"], runs["none"]
     assert "entrypoint False" in old.stdout, old.stdout + old.stderr
     lines = [line for line in old.stderr.splitlines() if "ComfyUI-GNRI" in line]
-    assert len(lines) == 1 and "comfy_api.latest" in lines[0] and "ComfyUI 0.3.75 or newer" in lines[0], old.stderr
+    assert len(lines) == 1 and "comfy_api.latest" in lines[0] and "ComfyUI 0.3.48 or newer" in lines[0], old.stderr
     assert "entrypoint False" in none.stdout and none.stderr == "", none.stdout + none.stderr
 
 
