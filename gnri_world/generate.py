@@ -1,0 +1,41 @@
+"""Text-to-image on the world models through ComfyUI's own sampling (``comfy.sample``,
+what KSampler runs), and the automatic quality score of a model."""
+from __future__ import annotations
+
+import torch
+
+from . import latent, models, scenes, scorer
+
+SHIPPED = {"unet": dict(steps=20, cfg=5.0, sampler="euler", scheduler="normal"),
+           "flux": dict(steps=20, cfg=4.0, sampler="euler", scheduler="simple")}
+
+
+def conditioning(clip, captions):
+    """CONDITIONING as CLIPTextEncode builds it, batched over ``captions``."""
+    ctx, pooled = models.encode_text(clip, captions)
+    return [[ctx, {"pooled_output": pooled}]]
+
+
+def generate(model, clip, family: str, captions, seed: int = 0, steps=None, cfg=None,
+             sampler=None, scheduler=None) -> torch.Tensor:
+    """IMAGE [B, 16, 16, 3] for ``captions`` (shipped settings unless given)."""
+    import comfy.sample
+    s = SHIPPED[family]
+    n = len(captions)
+    empty = torch.zeros(n, latent.channels(family), scenes.SIZE, scenes.SIZE)
+    noise = comfy.sample.prepare_noise(empty, seed)
+    out = comfy.sample.sample(model, noise, steps or s["steps"], s["cfg"] if cfg is None else cfg,
+                              sampler or s["sampler"], scheduler or s["scheduler"],
+                              conditioning(clip, captions), conditioning(clip, [""] * n), empty,
+                              disable_pbar=True, seed=seed)
+    return latent.decode(out.float().cpu(), family)
+
+
+def evaluate(model, clip, family: str, n: int = 200, seed: int = 1234, batch: int = 100, **kw) -> dict:
+    """Scorer accuracy of ``n`` generations from captions of fresh world scenes
+    (``scene_kw`` of ``train.DATA``), ``kw``: sampling settings."""
+    from .train import DATA
+    sc = scenes.sample_scenes(n, seed, **DATA)
+    imgs = torch.cat([generate(model, clip, family, [s.caption() for s in sc[i:i + batch]], seed + i, **kw)
+                      for i in range(0, n, batch)])
+    return scorer.accuracy(imgs, sc)

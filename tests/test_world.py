@@ -1,0 +1,73 @@
+"""The trained world (gnri_world): scenes, scorer, exact "VAE", and the shipped models
+loaded and run in the real ComfyUI."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from gnri_world import latent, scenes, scorer
+
+
+# ---------------------------------------------------------------- world, scorer, "VAE"
+
+def test_world_is_deterministic_by_seed():
+    a, b = scenes.sample_scenes(50, 3, p_two=0.3), scenes.sample_scenes(50, 3, p_two=0.3)
+    assert a == b and a != scenes.sample_scenes(50, 4, p_two=0.3)
+    assert torch.equal(scenes.render_batch(a), scenes.render_batch(b))
+    assert [e.target for e in scenes.sample_edits(20, 1)] == [e.target for e in scenes.sample_edits(20, 1)]
+
+
+def test_render_masks_and_caption():
+    s = scenes.Scene((scenes.Obj("square", "red", 8, 8, 8),), "blue")
+    img, masks = scenes.render(s)
+    assert s.caption() == "a red square on a blue background"
+    assert masks.shape == (1, 16, 16) and masks.sum().item() == pytest.approx(64.0)
+    assert torch.allclose(img[8, 8], torch.tensor(scenes.PALETTE["red"]))
+    assert torch.allclose(img[0, 0], torch.tensor(scenes.PALETTE["blue"]))
+
+
+@pytest.mark.parametrize("kw", [{}, {"p_two": 1.0}, {"p_striped": 1.0}], ids=["one", "two", "striped"])
+def test_scorer_reads_clean_scenes(kw):
+    sc = scenes.sample_scenes(300, 11, **kw)
+    acc = scorer.accuracy(scenes.render_batch(sc), sc)
+    assert min(acc["shape"], acc["colour"], acc["background"]) >= 0.97, acc
+
+
+def test_scorer_reads_position_and_size():
+    s = scenes.Scene((scenes.Obj("circle", "green", 10, 6.5, 9.0),), "black")
+    r = scorer.read(scenes.render(s)[0])[0]
+    assert (r.cx, r.cy) == (pytest.approx(6.5, abs=0.1), pytest.approx(9.0, abs=0.1))
+    assert r.area == pytest.approx(3.14159 * 25, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", scenes.EDIT_KINDS)
+def test_edit_pairs_change_one_attribute(kind):
+    for pair in scenes.sample_edits(40, 5, kinds=(kind,)):
+        src, tgt = pair.source, pair.target
+        assert src.caption() != tgt.caption() and pair.target_caption == tgt.caption()
+        changed = {f for i, (a, b) in enumerate(zip(src.objects, tgt.objects))
+                   for f in ("shape", "colour", "size", "cx", "cy") if getattr(a, f) != getattr(b, f)}
+        assert len(changed) == (0 if kind == "background" else 1)
+        assert (src.background != tgt.background) == (kind == "background")
+        assert pair.mask().any()
+
+
+def test_rare_combinations_are_rare_or_held_out():
+    def count(weight):
+        objs = [o for s in scenes.sample_scenes(3000, 0, rare_weight=weight) for o in s.objects]
+        return sum((o.shape, o.colour) in scenes.RARE for o in objs)
+    assert count(0.0) == 0 and 0 < count(0.1) < count(1.0) / 4
+
+
+@pytest.mark.parametrize("family", latent.FAMILIES)
+def test_latent_is_exact(family):
+    img = scenes.render_batch(scenes.sample_scenes(8, 2))
+    lat = latent.encode(img, family)
+    assert lat.shape == (8, latent.channels(family), 16, 16)
+    assert (latent.decode(lat, family) - img).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="family"):
+        latent.encode(img, "sdxl")
+    with pytest.raises(ValueError, match="latent"):
+        latent.decode(lat[:, :3], family)
