@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+# GNRI_WORLD_WEIGHTS: another folder of the same files (e.g. a training run's export)
+WEIGHTS_DIR = os.environ.get("GNRI_WORLD_WEIGHTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 FAMILIES = ("unet", "flux")
 TEXT_WIDTH = 64
 TEXT_CONFIG = {"hidden_size": TEXT_WIDTH, "intermediate_size": 4 * TEXT_WIDTH,
@@ -120,6 +121,7 @@ def text_encoder(seed: int | None = None, dtype=torch.float32):
         init_weights(clip.cond_stage_model, seed)
     else:
         clip.cond_stage_model.load_state_dict(_read(FILES["text"]), strict=True)
+        clip.cond_stage_model.requires_grad_(False)
     return clip
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 
 import torch
 
@@ -117,25 +118,49 @@ def _pick_object(rng: random.Random, rare_weight: float, exclude_colour: str | N
     return rng.choices(combos, weights)[0]
 
 
+def _place(rng: random.Random, picks) -> list[Obj]:
+    """Objects for (shape, colour) ``picks`` with random size and position: one object
+    near the centre, two in the left and right halves."""
+    if len(picks) == 1:
+        (shape, colour), = picks
+        return [Obj(shape, colour, rng.uniform(*SINGLE_SIZE),
+                    8.0 + rng.uniform(-JITTER, JITTER), 8.0 + rng.uniform(-JITTER, JITTER))]
+    objs = []
+    for (shape, colour), cx in zip(picks, (4.0, 12.0)):
+        size = rng.uniform(*PAIR_SIZE)
+        objs.append(Obj(shape, colour, size, cx + rng.uniform(-0.5, 0.5), 8.0 + rng.uniform(-2, 2)))
+    return objs
+
+
 def sample_scene(rng: random.Random, p_two: float = 0.0, p_striped: float = 0.0,
                  rare_weight: float = 0.1) -> Scene:
     """One random scene from ``rng``; the background colour differs from every object's."""
     if rng.random() < p_two:
-        a = _pick_object(rng, rare_weight)
-        b = _pick_object(rng, rare_weight)
-        objs = []
-        for (shape, colour), cx in ((a, 4.0), (b, 12.0)):
-            size = rng.uniform(*PAIR_SIZE)
-            objs.append(Obj(shape, colour, size, cx + rng.uniform(-0.5, 0.5), 8.0 + rng.uniform(-2, 2)))
+        objs = _place(rng, [_pick_object(rng, rare_weight), _pick_object(rng, rare_weight)])
     else:
-        shape, colour = _pick_object(rng, rare_weight)
-        objs = [Obj(shape, colour, rng.uniform(*SINGLE_SIZE),
-                    8.0 + rng.uniform(-JITTER, JITTER), 8.0 + rng.uniform(-JITTER, JITTER))]
+        objs = _place(rng, [_pick_object(rng, rare_weight)])
     used = {o.colour for o in objs}
     background = rng.choice([c for c in BACKGROUND_COLOURS if c not in used])
     striped = rng.random() < p_striped and background != "black"  # black stripes are invisible
     texture = "striped" if striped else "plain"
     return Scene(tuple(objs), background, texture)
+
+
+_CAPTION = re.compile(r"^a (\w+) (\w+)(?: and a (\w+) (\w+))? on an? (\w+)( striped)? background$")
+
+
+def from_caption(caption: str, seed: int = 0) -> Scene:
+    """The scene a caption names ("a red circle [and a blue square] on a white [striped]
+    background"); sizes and positions random from ``seed``."""
+    m = _CAPTION.match(caption.strip().lower())
+    bad = m is None or any(c not in OBJECT_COLOURS for c in m.group(1, 3) if c) or \
+        any(s not in SHAPES for s in m.group(2, 4) if s) or m.group(5) not in BACKGROUND_COLOURS
+    if bad:
+        raise ValueError(f"caption: expected 'a <colour> <shape> [and a <colour> <shape>] on a <colour> "
+                         f"[striped] background' with colours {OBJECT_COLOURS} (background also white, "
+                         f"black) and shapes {SHAPES}, got {caption!r}")
+    picks = [(m.group(2), m.group(1))] + ([(m.group(4), m.group(3))] if m.group(3) else [])
+    return Scene(tuple(_place(random.Random(int(seed)), picks)), m.group(5), "striped" if m.group(6) else "plain")
 
 
 def sample_scenes(n: int, seed: int, **kw) -> list[Scene]:

@@ -10,6 +10,7 @@ grows downwards (triangle).  Two objects: each half of the image on its own.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -105,3 +106,13 @@ def accuracy(images: torch.Tensor, scenes) -> dict:
     out = {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("shape", "colour", "background")}
     out["all"] = sum(all(r.values()) for r in rows) / max(1, len(rows))
     return out
+
+
+def psnr(image: torch.Tensor, reference: torch.Tensor, where: torch.Tensor | None = None) -> float:
+    """PSNR (dB, peak 1) of ``image`` to ``reference`` [H, W, 3] over pixels where ``where`` [H, W] > 0."""
+    w = torch.ones(image.shape[:2]) if where is None else (where > 0).float()
+    n = w.sum().item() * image.shape[-1]
+    if n == 0:
+        return float("nan")
+    mse = ((image.float() - reference.float()).pow(2) * w[..., None]).sum().item() / n
+    return float("inf") if mse == 0 else -10 * math.log10(mse)

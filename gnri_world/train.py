@@ -102,6 +102,7 @@ def main(argv=None):
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", action="store_true", help="write the EMA weights to gnri_world/weights/")
+    ap.add_argument("--export-dir", default=None, help="with --export: write them here instead")
     args = ap.parse_args(argv)
 
     models.ensure_comfy()
@@ -123,7 +124,7 @@ def main(argv=None):
         opt.load_state_dict(ck["opt"])
         step, minutes = ck["step"], ck["minutes"]
     if args.export:
-        path = models.save(ema.state_dict(), models.FILES[args.family],
+        path = models.save(ema.state_dict(), models.FILES[args.family], args.export_dir,
                            meta={"config": models.CONFIGS[args.family], "steps": step, "minutes": round(minutes, 1)})
         print(f"exported EMA weights at step {step} ({minutes:.1f} min) to {path}")
         return

@@ -71,3 +71,41 @@ def test_latent_is_exact(family):
         latent.encode(img, "sdxl")
     with pytest.raises(ValueError, match="latent"):
         latent.decode(lat[:, :3], family)
+
+
+# ---------------------------------------------------------------- the models in ComfyUI
+
+def generate_prompt(family: str, captions: list[str], seed: int) -> dict:
+    """Loader -> CLIPTextEncode -> stock KSampler (shipped settings) -> decode -> score,
+    one branch per caption."""
+    from gnri_world.generate import SHIPPED
+
+    s = SHIPPED[family]
+    p = {"loader": {"class_type": "GNRIWorldLoader", "inputs": {"family": family}},
+         "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["loader", 1], "text": ""}}}
+    for i, caption in enumerate(captions):
+        p[f"pos{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["loader", 1], "text": caption}}
+        p[f"ks{i}"] = {"class_type": "KSampler", "inputs": {
+            "model": ["loader", 0], "seed": seed, "steps": s["steps"], "cfg": s["cfg"],
+            "sampler_name": s["sampler"], "scheduler": s["scheduler"], "positive": [f"pos{i}", 0],
+            "negative": ["neg", 0], "latent_image": ["empty", 0], "denoise": 1.0}}
+        p[f"dec{i}"] = {"class_type": "GNRIWorldDecode", "inputs": {"samples": [f"ks{i}", 0], "family": family}}
+        p[f"score{i}"] = {"class_type": "GNRIWorldScore", "inputs": {"image": [f"dec{i}", 0], "caption": caption}}
+    return p
+
+
+GEN_CASES = {"unet": (0, ["a red circle on a blue background", "a green square on a white background",
+                          "a blue triangle on a yellow background"]),
+             "flux": (0, ["a red circle on a blue background", "a green square on a white background",
+                          "a blue triangle on a yellow background"])}
+
+
+@pytest.mark.parametrize("family", ["unet", "flux"])
+def test_world_model_generates_the_caption_in_comfyui(executor, family):
+    """Stock EmptyLatentImage + CLIPTextEncode + KSampler on the shipped model."""
+    seed, captions = GEN_CASES[family]
+    ui = executor.run(generate_prompt(family, captions, seed))
+    for i, caption in enumerate(captions):
+        result = ui[f"score{i}"]["gnri_world"][0]
+        assert all(result["correct"][0].values()), (caption, result)
