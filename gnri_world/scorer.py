@@ -116,3 +116,23 @@ def psnr(image: torch.Tensor, reference: torch.Tensor, where: torch.Tensor | Non
         return float("nan")
     mse = ((image.float() - reference.float()).pow(2) * w[..., None]).sum().item() / n
     return float("inf") if mse == 0 else -10 * math.log10(mse)
+
+
+def main(argv=None):
+    """Accuracy on clean (rendered) scenes: ``python -m gnri_world.scorer --n 3000``."""
+    import argparse
+    import json
+
+    from .scenes import render_batch, sample_scenes
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    for name, kw in {"one object": {}, "two objects": {"p_two": 1.0}, "striped": {"p_striped": 1.0}}.items():
+        sc = sample_scenes(args.n, args.seed, **kw)
+        acc = accuracy(render_batch(sc), sc)
+        print(json.dumps({"scenes": name, "n": args.n, **{k: round(v, 4) for k, v in acc.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -161,12 +161,13 @@ def figure(images: dict, rows: list[dict], path: str, title: str) -> None:
 
     names = ["source", "mask"] + [r["name"] for r in rows]
     tile, pad, top, label = 128, 12, 40, 44
-    canvas = Image.new("RGB", (pad + len(names) * (tile + pad), top + tile + label), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
     try:
         font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
     except TypeError:  # Pillow < 10.1
         font = small = ImageFont.load_default()
+    width = max(pad + len(names) * (tile + pad), 2 * pad + int(font.getlength(title)))
+    canvas = Image.new("RGB", (width, top + tile + label), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     draw.text((pad, 10), title, fill=(0, 0, 0), font=font)
     by_name = {r["name"]: r for r in rows}
     for i, name in enumerate(names):

@@ -2,12 +2,16 @@
 loaded and run in the real ComfyUI."""
 from __future__ import annotations
 
-import random
+import os
+import sys
 
+import comfy_env
 import pytest
 import torch
 
 from gnri_world import latent, scenes, scorer
+
+sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))
 
 
 # ---------------------------------------------------------------- world, scorer, "VAE"
@@ -109,3 +113,28 @@ def test_world_model_generates_the_caption_in_comfyui(executor, family):
     for i, caption in enumerate(captions):
         result = ui[f"score{i}"]["gnri_world"][0]
         assert all(result["correct"][0].values()), (caption, result)
+
+
+EDIT_CASES = {  # family -> (layout seed, source, target)
+    "unet": (0, "a red circle on a blue background", "a yellow circle on a blue background"),
+    "flux": (0, "a red circle on a blue background", "a yellow circle on a blue background"),
+}
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("family", ["unet", "flux"])
+def test_colour_edit_through_the_server(comfy_server, family):
+    """Scene -> GNRI Invert -> Attention Mask Blend -> Prompt Swap Edit over HTTP: the
+    object takes the target colour, keeps its shape, and the background stays."""
+    import demo
+
+    seed, source, target = EDIT_CASES[family]
+    outputs = comfy_server.run(demo.edit_prompt(family, source, target, seed, native=False), timeout=300)["outputs"]
+    edit = outputs["score/gnri_edit"]["gnri_world"][0]
+    recon = outputs["score/gnri_recon"]["gnri_world"][0]
+    assert all(edit["correct"][0].values()), edit
+    assert edit["psnr_outside"][0] > EDIT_PSNR, edit
+    assert all(recon["correct"][0].values()) and recon["psnr_outside"][0] > RECON_PSNR, recon
+
+
+EDIT_PSNR, RECON_PSNR = 25.0, 40.0
