@@ -79,6 +79,31 @@ def test_latent_is_exact(family):
 
 # ---------------------------------------------------------------- the models in ComfyUI
 
+@pytest.mark.parametrize("family", ["unet", "flux"])
+def test_world_nodes_encode_decode_exactly(executor, family):
+    """Scene -> GNRI World Encode -> Decode -> Score: exact round trip, 8 px per cell."""
+    caption = "a green triangle and a red square on a white striped background"
+    ui = executor.run({
+        "scene": {"class_type": "GNRIWorldScene", "inputs": {"seed": 1, "caption": caption}},
+        "enc": {"class_type": "GNRIWorldEncode", "inputs": {"pixels": ["scene", 0], "family": family}},
+        "dec": {"class_type": "GNRIWorldDecode", "inputs": {"samples": ["enc", 0], "family": family}},
+        "score": {"class_type": "GNRIWorldScore", "inputs": {"image": ["dec", 0], "caption": caption,
+                                                             "reference": ["scene", 0], "mask": ["scene", 1]}},
+    })
+    image, mask, text = executor.node_output("scene")
+    assert image.shape == (1, 128, 128, 3) and mask.shape == (1, 128, 128) and text == caption
+    assert executor.node_output("enc")[0]["samples"].shape == (1, latent.channels(family), 16, 16)
+    result = ui["score"]["gnri_world"][0]
+    assert all(result["correct"][0].values()) and result["psnr_outside"][0] > 100, result
+
+
+def test_world_scene_node_rejects_a_bad_caption(executor):
+    from conftest import PromptExecutionError
+
+    with pytest.raises(PromptExecutionError, match="caption: expected"):
+        executor.run({"scene": {"class_type": "GNRIWorldScene", "inputs": {"seed": 0, "caption": "a cat"}},
+                      "save": {"class_type": "PreviewImage", "inputs": {"images": ["scene", 0]}}})
+
 def generate_prompt(family: str, captions: list[str], seed: int) -> dict:
     """Loader -> CLIPTextEncode -> stock KSampler (shipped settings) -> decode -> score,
     one branch per caption."""
