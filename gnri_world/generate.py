@@ -53,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--cfg", type=float, nargs="+", default=None, help="default: the shipped cfg")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--sampler", default=None)
+    ap.add_argument("--scheduler", default=None)
     ap.add_argument("--weights", default=None, help="folder of the weights (default: the shipped ones)")
     args = ap.parse_args(argv)
     models.ensure_comfy()
@@ -60,8 +62,11 @@ def main(argv=None):
     model, clip = models.load(args.family, args.weights), models.text_encoder()
     for cfg in args.cfg or [SHIPPED[args.family]["cfg"]]:
         t0 = time.time()
-        acc = evaluate(model, clip, args.family, n=args.n, seed=args.seed, cfg=cfg, steps=args.steps)
+        acc = evaluate(model, clip, args.family, n=args.n, seed=args.seed, cfg=cfg, steps=args.steps,
+                       sampler=args.sampler, scheduler=args.scheduler)
         print(json.dumps({"family": args.family, "n": args.n, "cfg": cfg, "steps": args.steps or SHIPPED[args.family]["steps"],
+                          "sampler": args.sampler or SHIPPED[args.family]["sampler"],
+                          "scheduler": args.scheduler or SHIPPED[args.family]["scheduler"],
                           **{k: round(v, 3) for k, v in acc.items()}, "seconds": round(time.time() - t0, 1)}), flush=True)
 
 
