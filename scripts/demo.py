@@ -173,6 +173,7 @@ def figure(images: dict, rows: list[dict], path: str, title: str) -> None:
     for i, name in enumerate(names):
         x = pad + i * (tile + pad)
         canvas.paste(images[name].resize((tile, tile), Image.NEAREST), (x, top))
+        draw.rectangle([x - 1, top - 1, x + tile, top + tile], outline=(120, 120, 120))
         text = {"source": "source image", "mask": "attention mask"}.get(name, name.replace("_", " "))
         draw.text((x, top + tile + 4), text, fill=(0, 0, 0), font=small)
         if name in by_name:
