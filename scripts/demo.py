@@ -1,32 +1,30 @@
-"""Headless demo: the reconstruction check (GNRI against ComfyUI's native FlipSigmas
-inversion) run through a real ComfyUI server's HTTP API on the tiny test models.
+"""Headless demo: a real text-based edit of a real image on the pack's trained world
+models, through a real ComfyUI server's HTTP API, GNRI beside ComfyUI's native inversion.
 
-    bash scripts/run_comfyui.sh --demo [--out FILE] [--steps N] [--iterations N] [--size PX]
+    bash scripts/run_comfyui.sh --demo [--out FILE] [--family unet|flux] [--seed N]
 
-No pretrained weights can be shipped, so the model is the tiny, randomly initialised
-SD1.5-architecture UNet + real CLIP tokenizer from ``tests/testing_pack`` (loaded into
-the server beside the pack). The "photo" is a small drawn scene turned into an SD1.5
-latent with ComfyUI's own latent->RGB preview factors (``latent_rgb_factors``; the tiny
-models have no VAE), written to the server's input folder and loaded with the stock
-``LoadLatent`` node. The prompt is the example workflow
-``gnri_reconstruction_check.json`` with tiny stand-ins for the loaders:
+The image is a scene of the pack's small world ("a red circle on a blue background",
+16x16 world pixels shown at 8 px each), drawn by the test pack's GNRI World Scene node;
+the models are the world's trained SD1.5-type UNet (EPS) or Flux-type DiT (flow),
+loaded with GNRI World Loader, with their exact linear "VAE" (GNRI World Encode /
+Decode) and the shipped text encoder through the stock CLIPTextEncode (see
+docs/world.md). The prompt:
 
-  native:  BasicScheduler -> FlipSigmas -> SamplerCustom(euler) inverts,
-           SamplerCustom(euler, the unflipped sigmas) regenerates
-  GNRI:    GNRI Invert -> SamplerCustomAdvanced(euler, its NOISE and SIGMAS) regenerates
+  GNRI:    GNRI Invert -> Attention Mask Blend (source vs target prompt) ->
+           Prompt Swap Edit (target prompt, the mask) -> decode
+  native:  BasicScheduler -> FlipSigmas -> SamplerCustom(euler, source prompt) inverts,
+           SamplerCustom(euler, target prompt, the unflipped sigmas) edits (UNet only:
+           with Flux's sigma_max = 1 the native inversion returns inf)
 
-Both reconstructions come back as .latent files (stock SaveLatent, fetched over
-/view); errors are relative RMS latent errors (test pack's GNRITestLatentStats, read
-from /history). Prints a table and writes a PNG: the input and each reconstruction as
-ComfyUI's latent->RGB preview shows them, and under each reconstruction the mean
-absolute latent difference to the input (one colour scale for all).
+and, for each, the reconstruction (the same path with the source prompt). GNRI World
+Score reads each result back: the edited attribute and the background PSNR outside
+the true object mask. Prints a table and writes a PNG.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import io
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -36,246 +34,154 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from comfy_server import ComfyServer
 
-SOURCE = "a photo of a cat sitting on a wooden table next to a window, soft daylight"
-INPUT_NAME = "gnri_demo_input.latent"
+SOURCE = "a red circle on a blue background"
+TARGET = "a yellow circle on a blue background"
+SETTINGS = {  # per family: schedule, inversion and edit settings of the demo
+    "unet": dict(steps=20, scheduler="normal", edit_cfg=4.0, threshold=0.3),
+    "flux": dict(steps=20, scheduler="simple", edit_cfg=4.0, threshold=0.3),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "gnri_demo.png"), help="PNG to write")
-    p.add_argument("--steps", type=int, default=4, help="schedule steps (workflow: 4)")
-    p.add_argument("--scheduler", default="sgm_uniform", help="(workflow: sgm_uniform)")
-    p.add_argument("--iterations", type=int, nargs="+", default=[3, 8],
-                   help="GNRI model calls per step, one GNRI branch each (default: 3 = the node's default, and 8)")
-    p.add_argument("--size", type=int, default=256, help="image size in pixels (latent = size/8; default 256)")
+    p.add_argument("--family", choices=list(SETTINGS), default="unet")
+    p.add_argument("--seed", type=int, default=0, help="layout (size, position) of the scene")
+    p.add_argument("--source", default=SOURCE)
+    p.add_argument("--target", default=TARGET)
     p.add_argument("--keep", action="store_true", help="keep the server's temp folder (log, outputs)")
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- the picture
-
-def draw_scene(px: int):
-    """A small RGB scene (numpy float32 (px, px, 3) in [-1, 1]): sky, sun, hills, a house."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (px, px))
-    d = ImageDraw.Draw(img)
-    for y in range(px):  # sky gradient
-        t = y / px
-        d.line([(0, y), (px, y)], fill=(int(70 + 110 * t), int(130 + 90 * t), int(220 + 30 * t)))
-    r = px * 0.11
-    d.ellipse([px * 0.68 - r, px * 0.22 - r, px * 0.68 + r, px * 0.22 + r], fill=(255, 215, 80))
-    d.polygon([(0, px * 0.72), (px * 0.3, px * 0.5), (px * 0.62, px * 0.74), (px, px * 0.56), (px, px), (0, px)],
-              fill=(60, 150, 70))
-    d.rectangle([px * 0.16, px * 0.58, px * 0.40, px * 0.82], fill=(200, 80, 60))
-    d.polygon([(px * 0.13, px * 0.6), (px * 0.28, px * 0.44), (px * 0.43, px * 0.6)], fill=(110, 50, 40))
-    d.rectangle([px * 0.25, px * 0.68, px * 0.31, px * 0.82], fill=(70, 40, 30))
-    return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-
-
-def rgb_factors():
-    """ComfyUI's SD1.5 latent->RGB preview factors (4, 3) and bias (3,)."""
-    import torch
-    from comfy import latent_formats  # ComfyUI's folder is on sys.path (see main)
-
-    fmt = latent_formats.SD15()
-    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32)
-    bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=torch.float32)
-    return factors, bias, fmt
-
-
-def scene_latent(px: int):
-    """Raw (VAE-space) SD1.5 latent (1, 4, px/8, px/8) whose latent->RGB preview is the
-    scene: model-space z = least-squares solution of z @ factors + bias = rgb, plus
-    seeded noise in the factors' null space (invisible in the preview)."""
-    import torch
-
-    factors, bias, fmt = rgb_factors()
-    rgb = torch.from_numpy(draw_scene(px))
-    rgb = torch.nn.functional.avg_pool2d(rgb.permute(2, 0, 1)[None], 8)[0].permute(1, 2, 0)  # (h, w, 3)
-    z = (rgb - bias) @ torch.linalg.pinv(factors)                                            # (h, w, 4)
-    null = torch.linalg.svd(factors.T).Vh[-1]                                                # (4,)
-    gen = torch.Generator().manual_seed(0)
-    z = z + torch.randn(z.shape[:2], generator=gen)[..., None] * 0.8 * null
-    return fmt.process_out(z.permute(2, 0, 1)[None].contiguous())
-
-
-def preview(raw, fmt, factors, bias):
-    """ComfyUI's Latent2RGB preview of a raw latent -> uint8 (h, w, 3)."""
-    import torch
-
-    z = fmt.process_in(raw[0].float()).permute(1, 2, 0)
-    rgb = ((z @ factors + bias + 1.0) / 2.0).clamp(0, 1)
-    return (rgb * 255).round().to(torch.uint8).numpy()
-
-
-def heat(values, vmax: float):
-    """(h, w) >= 0 -> uint8 (h, w, 3), black -> red -> yellow -> white at vmax."""
-    import numpy as np
-
-    t = np.clip(values / max(vmax, 1e-12), 0, 1)
-    rgb = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)], -1)
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def figure(source, recons: list, rows: list[dict], path: str, scale: int = 8) -> None:
-    """Top row: input and each reconstruction (latent->RGB preview); bottom row: the mean
-    absolute latent difference to the input, one colour scale for all."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    factors, bias, fmt = rgb_factors()
-    z_in = fmt.process_in(source[0].float())
-    diffs = [(fmt.process_in(x[0].float()) - z_in).abs().mean(0).numpy() for x in recons]
-    vmax = float(max(d.max() for d in diffs))
-    h, w = source.shape[-2:]
-    pw, ph, pad, label, title = w * scale, h * scale, 14, 40, 64
-    cols = 1 + len(recons)
-    canvas = Image.new("RGB", (cols * (pw + pad) + pad, title + 2 * (ph + label) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    try:
-        font, small = ImageFont.load_default(size=17), ImageFont.load_default(size=14)
-    except TypeError:  # Pillow < 10.1
-        font = small = ImageFont.load_default()
-    draw.text((pad, 10), f"GNRI vs ComfyUI's native inversion: tiny random SD1.5 UNet, {rows[0]['steps']} "
-                         "steps, regenerated with stock euler", fill=(0, 0, 0), font=font)
-    draw.text((pad, 34), "top: latent->RGB preview (ComfyUI's latent_rgb_factors; the tiny models have no VAE);"
-                         f" bottom: mean |latent - input| over channels, black = 0, white = {vmax:.2f}",
-              fill=(60, 60, 60), font=small)
-
-    def put(pixels, col, row, text):
-        x, y = pad + col * (pw + pad), title + row * (ph + label)
-        canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)).resize((pw, ph), Image.NEAREST), (x, y))
-        draw.text((x, y + ph + 4), text, fill=(0, 0, 0), font=small)
-
-    put(preview(source, fmt, factors, bias), 0, 0, "input")
-    x, y = pad, title + ph + label + 4
-    lines = ["inversion model calls, error:"] + [
-        f"{r['short']}: {r['calls']} calls, {r['rel_error']:.1e}" for r in rows] + [
-        f"regeneration: {rows[0]['steps']} calls each", "error = RMS(diff) / RMS(input)"]
-    for k, line in enumerate(lines):
-        draw.text((x, y + 22 * k), line, fill=(0, 0, 0), font=small)
-    for i, (recon, diff, row) in enumerate(zip(recons, diffs, rows)):
-        put(preview(recon, fmt, factors, bias), i + 1, 0, f"{row['short']}: error {row['rel_error']:.1e}")
-        put(heat(diff, vmax), i + 1, 1, f"{row['calls']} model calls; max |diff| {diff.max():.2g}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    canvas.save(path, optimize=True)
-
-
 # ----------------------------------------------------------------------------- the prompt
 
-def gnri_nodes(prefix: str, steps: int, scheduler: str, iterations: int) -> dict:
-    """GNRI Invert -> SamplerCustomAdvanced(euler) -> stats + SaveLatent (the workflow's
-    ids 20-23 with ``prefix`` = "", "1" -> 120-123 for a second setting)."""
-    model = ["1", 0]
-    return {
-        f"{prefix}20": {"class_type": "GNRIInvert", "inputs": {
-            "model": model, "positive": ["12", 0], "latent": ["11", 0], "steps": steps, "scheduler": scheduler,
-            "cfg": 1.0, "method": "gnri", "iterations": iterations, "tolerance": 1e-4, "lam": 0.1,
-            "sampler": "euler", "newton_form": "secant", "noise_seed": 0}},
-        f"{prefix}23": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": [f"{prefix}20", 1], "guider": ["21", 0], "sampler": ["22", 0], "sigmas": [f"{prefix}20", 2],
-            "latent_image": ["11", 0]}},
-        f"{prefix}71": {"class_type": "GNRITestLatentStats",
-                        "inputs": {"latent_a": ["11", 0], "latent_b": [f"{prefix}23", 0]}},
-        f"{prefix}73": {"class_type": "SaveLatent",
-                        "inputs": {"samples": [f"{prefix}23", 0], "filename_prefix": f"gnri_demo/gnri{prefix}"}},
+def edit_prompt(family: str, source: str, target: str, seed: int = 0, native: bool | None = None,
+                **overrides) -> dict:
+    """API-format prompt: scene -> GNRI (and, for the UNet, native) inversion -> edit and
+    reconstruction -> decode -> score + SaveImage.  Output nodes: ``score/<branch>``,
+    ``save/<branch>`` with branch in ``gnri_edit, gnri_recon[, native_edit, native_recon]``;
+    ``save/source`` (the scene), ``mask`` (Attention Mask Blend's mask, via SaveImage)."""
+    s = dict(SETTINGS[family], **overrides)
+    native = family == "unet" if native is None else native
+    model, clip = ["loader", 0], ["loader", 1]
+    p = {
+        "loader": {"class_type": "GNRIWorldLoader", "inputs": {"family": family}},
+        "scene": {"class_type": "GNRIWorldScene", "inputs": {"seed": seed, "caption": source}},
+        "encode": {"class_type": "GNRIWorldEncode", "inputs": {"pixels": ["scene", 0], "family": family}},
+        "src": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": source}},
+        "tgt": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": target}},
+        "invert": {"class_type": "GNRIInvert", "inputs": {
+            "model": model, "positive": ["src", 0], "latent": ["encode", 0], "steps": s["steps"],
+            "scheduler": s["scheduler"], "cfg": 1.0, "method": "gnri", "iterations": 3, "tolerance": 1e-4,
+            "lam": 0.1, "sampler": "euler", "newton_form": "secant", "noise_seed": 0}},
+        "attn": {"class_type": "AttentionMaskBlend", "inputs": {
+            "model": model, "clip": clip, "inversion": ["invert", 3], "source_prompt": source,
+            "target_prompt": target, "threshold": s["threshold"], "blur": 0.0, "dilate": 0, "step": -1}},
+        "mask_image": {"class_type": "MaskToImage", "inputs": {"mask": ["attn", 0]}},
+        "mask": {"class_type": "SaveImage", "inputs": {"images": ["mask_image", 0], "filename_prefix": "demo/mask"}},
+        "save/source": {"class_type": "SaveImage", "inputs": {"images": ["scene", 0], "filename_prefix": "demo/src"}},
     }
 
+    def swap(cond, strength, mask):
+        inputs = {"model": model, "inversion": ["invert", 3], "source": ["src", 0], "target": [cond, 0],
+                  "strength": strength, "edit_cfg": s["edit_cfg"], "negative_mode": "source", "start_step": 0}
+        return {"class_type": "PromptSwapEdit", "inputs": dict(inputs, mask=mask) if mask else inputs}
 
-def demo_prompt(steps: int, scheduler: str, iterations: list[int]) -> dict:
-    """The reconstruction-check workflow in API format with tiny stand-ins (node ids
-    follow example_workflows/gnri_reconstruction_check.json), with one GNRI branch per
-    entry of ``iterations``."""
-    model, clip = ["1", 0], ["1", 1]
-    custom = {"add_noise": False, "noise_seed": 0, "cfg": 1.0}
-    prompt = {
-        "1": {"class_type": "GNRITestTinyModel", "inputs": {"family": "eps", "dtype": "fp32", "seed": 0}},
-        "11": {"class_type": "LoadLatent", "inputs": {"latent": INPUT_NAME}},
-        "12": {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": SOURCE}},
-        "21": {"class_type": "BasicGuider", "inputs": {"model": model, "conditioning": ["12", 0]}},
-        "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "50": {"class_type": "BasicScheduler", "inputs": {"model": model, "scheduler": scheduler, "steps": steps,
-                                                          "denoise": 1.0}},
-        "51": {"class_type": "FlipSigmas", "inputs": {"sigmas": ["50", 0]}},
-        "52": {"class_type": "SamplerCustom", "inputs": {
-            **custom, "model": model, "positive": ["12", 0], "negative": ["12", 0], "sampler": ["22", 0],
-            "sigmas": ["51", 0], "latent_image": ["11", 0]}},
-        "53": {"class_type": "SamplerCustom", "inputs": {
-            **custom, "model": model, "positive": ["12", 0], "negative": ["12", 0], "sampler": ["22", 0],
-            "sigmas": ["50", 0], "latent_image": ["52", 0]}},
-        "70": {"class_type": "GNRITestLatentStats", "inputs": {"latent_a": ["11", 0], "latent_b": ["53", 0]}},
-        "72": {"class_type": "SaveLatent", "inputs": {"samples": ["53", 0], "filename_prefix": "gnri_demo/native"}},
-    }
-    for i, its in enumerate(iterations):
-        prompt.update(gnri_nodes(str(i) if i else "", steps, scheduler, its))
-    return prompt
-
-
-def load_latent(data: bytes):
-    import safetensors.torch
-
-    return safetensors.torch.load(data)["latent_tensor"].float()
+    branches = {"gnri_edit": swap("tgt", 1.0, ["attn", 0]), "gnri_recon": swap("src", 0.0, None)}
+    if native:
+        p.update({
+            "sigmas": {"class_type": "BasicScheduler", "inputs": {
+                "model": model, "scheduler": s["scheduler"], "steps": s["steps"], "denoise": 1.0}},
+            "flip": {"class_type": "FlipSigmas", "inputs": {"sigmas": ["sigmas", 0]}},
+            "euler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "native_invert": {"class_type": "SamplerCustom", "inputs": {
+                "model": model, "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["src", 0],
+                "negative": ["src", 0], "sampler": ["euler", 0], "sigmas": ["flip", 0],
+                "latent_image": ["encode", 0]}},
+        })
+        for name, cond, cfg in (("native_edit", "tgt", s["edit_cfg"]), ("native_recon", "src", 1.0)):
+            branches[name] = {"class_type": "SamplerCustom", "inputs": {
+                "model": model, "add_noise": False, "noise_seed": 0, "cfg": cfg, "positive": [cond, 0],
+                "negative": ["src", 0], "sampler": ["euler", 0], "sigmas": ["sigmas", 0],
+                "latent_image": ["native_invert", 0]}}
+    for name, node in branches.items():
+        caption = target if name.endswith("edit") else source
+        p[name] = node
+        p[f"decode/{name}"] = {"class_type": "GNRIWorldDecode", "inputs": {"samples": [name, 0], "family": family}}
+        p[f"score/{name}"] = {"class_type": "GNRIWorldScore", "inputs": {
+            "image": [f"decode/{name}", 0], "caption": caption, "reference": ["scene", 0], "mask": ["scene", 1]}}
+        p[f"save/{name}"] = {"class_type": "SaveImage", "inputs": {
+            "images": [f"decode/{name}", 0], "filename_prefix": f"demo/{name}"}}
+    return p
 
 
-def model_calls(text: str) -> int:
-    match = re.search(r"(\d+) model calls", text)
-    if not match:
-        raise RuntimeError(f"GNRI Invert did not report its model calls: {text!r}")
-    return int(match.group(1))
+def branch_names(prompt: dict) -> list[str]:
+    return [k[len("score/"):] for k in prompt if k.startswith("score/")]
 
 
-def write_input(input_dir: str, size: int):
-    """The scene latent as ``INPUT_NAME`` in a server's input folder; returns it."""
-    import safetensors.torch
-    import torch
-
-    source = scene_latent(size)
-    os.makedirs(input_dir, exist_ok=True)
-    safetensors.torch.save_file({"latent_tensor": source, "latent_format_version_0": torch.tensor([])},
-                                os.path.join(input_dir, INPUT_NAME))
-    return source
-
-
-def run_check(server, steps: int, scheduler: str, iterations: list[int]):
-    """Queue the check on a running server (``.run(prompt)`` -> /history entry,
-    ``.base_url``) whose input folder holds ``INPUT_NAME``; returns (rows, reconstructions)."""
+def run_edit(server, family: str, source: str, target: str, seed: int = 0, **overrides):
+    """Queue ``edit_prompt`` on a running server; returns (rows, images {name: PIL image})."""
     import requests
+    from PIL import Image
 
-    entry = server.run(demo_prompt(steps, scheduler, iterations))
-    outputs = entry["outputs"]
+    prompt = edit_prompt(family, source, target, seed, **overrides)
+    outputs = server.run(prompt, timeout=300)["outputs"]
 
     def fetch(node):
-        info = outputs[node]["latents"][0]
+        info = outputs[node]["images"][0]
         r = requests.get(server.base_url + "/view", timeout=30,
                          params={"filename": info["filename"], "subfolder": info["subfolder"], "type": "output"})
         r.raise_for_status()
-        return load_latent(r.content)
+        return Image.open(io.BytesIO(r.content)).convert("RGB")
 
-    rows = [{"name": "ComfyUI native (FlipSigmas + SamplerCustom euler)", "short": "native", "calls": steps,
-             "stats": outputs["70"]["gnri_stats"][0]}]
-    recons = [fetch("72")]
-    for i, its in enumerate(iterations):
-        prefix = str(i) if i else ""
-        text = " ".join(str(t) for t in outputs.get(f"{prefix}20", {}).get("text", []))
-        rows.append({"name": f"GNRI Invert ({its} iterations/step) + SamplerCustomAdvanced euler",
-                     "short": f"GNRI {its} it", "calls": model_calls(text),
-                     "stats": outputs[f"{prefix}71"]["gnri_stats"][0]})
-        recons.append(fetch(f"{prefix}73"))
-    for row in rows:
-        row.update(steps=steps, rel_error=row["stats"]["rel_rms"], max_abs=row["stats"]["max_abs"])
-        if not math.isfinite(row["rel_error"]):
-            raise RuntimeError(f"{row['name']}: non-finite reconstruction")
-    return rows, recons
+    rows = []
+    for name in branch_names(prompt):
+        score = outputs[f"score/{name}"]["gnri_world"][0]
+        rows.append({"name": name, "caption": target if name.endswith("edit") else source,
+                     "correct": score["correct"][0], "psnr_outside": score["psnr_outside"][0]})
+    images = {name: fetch(f"save/{name}") for name in ["source", *branch_names(prompt)]}
+    images["mask"] = fetch("mask")
+    calls = " ".join(str(t) for t in outputs.get("invert", {}).get("text", []))
+    return rows, images, calls
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| inversion | steps | inversion model calls | regeneration model calls | relative error | max abs error |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['steps']} | {r['calls']} | {r['steps']} | {r['rel_error']:.2e} | {r['max_abs']:.2e} |"
-              for r in rows]
+    lines = ["| result | prompt | shape / colour / background right | PSNR outside the object (dB) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        c = r["correct"]
+        lines.append(f"| {r['name']} | {r['caption']} | {'/'.join('yes' if c[k] else 'no' for k in ('shape', 'colour', 'background'))}"
+                     f" | {r['psnr_outside']:.1f} |")
     return "\n".join(lines)
+
+
+def figure(images: dict, rows: list[dict], path: str, title: str) -> None:
+    """One row: source, attention mask, then each result with its score."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    names = ["source", "mask"] + [r["name"] for r in rows]
+    tile, pad, top, label = 128, 12, 40, 44
+    try:
+        font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1
+        font = small = ImageFont.load_default()
+    width = max(pad + len(names) * (tile + pad), 2 * pad + int(font.getlength(title)))
+    canvas = Image.new("RGB", (width, top + tile + label), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 10), title, fill=(0, 0, 0), font=font)
+    by_name = {r["name"]: r for r in rows}
+    for i, name in enumerate(names):
+        x = pad + i * (tile + pad)
+        canvas.paste(images[name].resize((tile, tile), Image.NEAREST), (x, top))
+        draw.rectangle([x - 1, top - 1, x + tile, top + tile], outline=(120, 120, 120))
+        text = {"source": "source image", "mask": "attention mask"}.get(name, name.replace("_", " "))
+        draw.text((x, top + tile + 4), text, fill=(0, 0, 0), font=small)
+        if name in by_name:
+            r = by_name[name]
+            ok = "right" if all(r["correct"].values()) else "wrong"
+            draw.text((x, top + tile + 20), f"{ok}; bg PSNR {r['psnr_outside']:.0f} dB", fill=(60, 60, 60), font=small)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path, optimize=True)
 
 
 def main(argv=None) -> int:
@@ -284,19 +190,16 @@ def main(argv=None) -> int:
     comfyui = os.environ.get("GNRI_COMFYUI_PATH") or os.path.join(ROOT, ".comfyui")
     if not os.path.isfile(os.path.join(comfyui, "main.py")):
         sys.exit(f"no ComfyUI at {comfyui}: run `bash scripts/run_comfyui.sh --demo` (it sets one up)")
-    sys.path.insert(0, comfyui)
 
     base = tempfile.mkdtemp(prefix="gnri-demo-")
-    source = write_input(os.path.join(base, "input"), args.size)
-    print(f"Starting ComfyUI ({comfyui}) headless on 127.0.0.1 with the pack and the tiny test models ...",
-          flush=True)
+    print(f"Starting ComfyUI ({comfyui}) headless on 127.0.0.1 with the pack and the world models ...", flush=True)
     server = ComfyServer.start(comfyui, base, {"ComfyUI-GNRI": ROOT,
                                                "gnri_testing_pack": os.path.join(ROOT, "tests", "testing_pack")})
     try:
-        print(f"  {server.base_url} up after {time.monotonic() - started:.1f} s; queueing the reconstruction "
-              f"check ({args.size}x{args.size} px, latent {args.size // 8}x{args.size // 8}) ...", flush=True)
+        print(f"  {server.base_url} up after {time.monotonic() - started:.1f} s; editing "
+              f"'{args.source}' -> '{args.target}' on the world {args.family} ...", flush=True)
         t0 = time.monotonic()
-        rows, recons = run_check(server, args.steps, args.scheduler, args.iterations)
+        rows, images, calls = run_edit(server, args.family, args.source, args.target, args.seed)
         run_s = time.monotonic() - t0
     finally:
         server.stop()
@@ -307,9 +210,11 @@ def main(argv=None) -> int:
 
     print()
     print(table(rows))
-    print("\nrelative error = RMS(reconstruction - input) / RMS(input) on the latent; model calls: GNRI's as "
-          "counted by GNRI Invert (shown on the node), native euler: one per step.")
-    figure(source, recons, rows, args.out)
+    print(f"\nGNRI Invert: {calls}")
+    print("edit = target prompt; recon = source prompt (reconstruction); PSNR on 16x16 world pixels, "
+          "outside the true object mask, against the source image.")
+    figure(images, rows, args.out, f"'{args.source}' -> '{args.target}' (world {args.family}, "
+                                   f"{SETTINGS[args.family]['steps']} steps): GNRI vs ComfyUI's native inversion")
     print(f"wrote {args.out}  (prompt ran in {run_s:.1f} s; demo total {time.monotonic() - started:.1f} s)")
     return 0
 

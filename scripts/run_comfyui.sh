@@ -4,7 +4,7 @@
 #   bash scripts/run_comfyui.sh                 # the real ComfyUI server on http://127.0.0.1:8188
 #   bash scripts/run_comfyui.sh --port 8190     # another port (or GNRI_PORT=8190)
 #   bash scripts/run_comfyui.sh -- --lowvram    # arguments after -- go to ComfyUI's main.py
-#   bash scripts/run_comfyui.sh --demo          # headless: reconstruction check on the tiny test
+#   bash scripts/run_comfyui.sh --demo          # headless: a real edit on the trained world
 #                                               # models through the HTTP API; prints a table and
 #                                               # writes gnri_demo.png (--out FILE, --help for more)
 #

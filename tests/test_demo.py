@@ -1,6 +1,6 @@
 """The README's two commands: ``scripts/run_comfyui.sh`` (the real ComfyUI with the pack
-and its example workflows as templates) and its ``--demo`` (the reconstruction check on
-the tiny models through the HTTP API)."""
+and its example workflows as templates) and its ``--demo`` (a real edit on the trained
+world models through the HTTP API)."""
 from __future__ import annotations
 
 import os
@@ -23,21 +23,21 @@ WORKFLOWS = sorted(f[:-5] for f in os.listdir(os.path.join(comfy_env.REPO_ROOT, 
                    if f.endswith(".json"))
 
 
-def test_demo_reconstruction_check_through_the_server(comfy_server, tmp_path):
-    """What ``run_comfyui.sh --demo`` queues, on the test server (smaller picture)."""
+def test_demo_world_edit_through_the_server(comfy_server, tmp_path):
+    """What ``run_comfyui.sh --demo`` queues, on the test server: a real colour edit on
+    the world UNet, GNRI beside the native inversion."""
     from PIL import Image
 
-    source = demo.write_input(os.path.join(comfy_server.base_dir, "input"), 128)
-    rows, recons = demo.run_check(comfy_server, 4, "sgm_uniform", [3, 8])
-    native, gnri3, gnri8 = rows
-    assert (native["calls"], gnri3["calls"], gnri8["calls"]) == (4, 12, 32)
-    assert native["rel_error"] > 0.3                       # naive inversion of a random network
-    assert gnri8["rel_error"] < gnri3["rel_error"] < native["rel_error"] / 2, demo.table(rows)
-    assert gnri8["rel_error"] < native["rel_error"] / 10, demo.table(rows)
-    assert all(r.shape == source.shape for r in recons)
+    rows, images, calls = demo.run_edit(comfy_server, "unet", demo.SOURCE, demo.TARGET, 0)
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"gnri_edit", "gnri_recon", "native_edit", "native_recon"}
+    assert all(by["gnri_edit"]["correct"].values()), demo.table(rows)
+    assert all(by["gnri_recon"]["correct"].values()), demo.table(rows)
+    assert by["gnri_recon"]["psnr_outside"] > by["native_recon"]["psnr_outside"] + 5, demo.table(rows)
+    assert "60 model calls" in calls
     out = tmp_path / "demo.png"
-    demo.figure(source, recons, rows, str(out))
-    assert Image.open(out).size[0] > 4 * 128
+    demo.figure(images, rows, str(out), "test")
+    assert Image.open(out).size[0] > 6 * 128
 
 
 def _free_port() -> int:

@@ -189,11 +189,172 @@ class GNRITestDecode:
         return (torch.sigmoid(x).permute(0, 2, 3, 1).contiguous(),)
 
 
+# ---------------------------------------------------------------- the trained world
+
+WORLD_PX = 8   # IMAGE pixels per world pixel (= latent cell), ComfyUI's VAE convention
+
+
+def _load_world():
+    """The repo's ``gnri_world`` package (imported by path: the repo root must not go
+    on sys.path inside ComfyUI, its ``nodes/`` would shadow ComfyUI's)."""
+    if "gnri_world" in sys.modules:
+        return sys.modules["gnri_world"]
+    folder = os.path.join(os.path.dirname(_TESTS_DIR), "gnri_world")
+    spec = importlib.util.spec_from_file_location("gnri_world", os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gnri_world"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_load_world()
+from gnri_world import latent as world_latent, models as world_models, scenes as world_scenes, scorer as world_scorer  # noqa: E402
+
+WORLD_FAMILIES = list(world_models.FAMILIES)
+_WORLD: dict = {}   # family / "text" -> ModelPatcher / CLIP
+
+
+def world_model(family: str):
+    if family not in _WORLD:
+        _WORLD[family] = world_models.load(family)
+    return _WORLD[family]
+
+
+def world_clip():
+    if "text" not in _WORLD:
+        _WORLD["text"] = world_models.text_encoder()
+    return _WORLD["text"]
+
+
+def to_world(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, 8h, 8w, 3] -> world pixels [B, h, w, 3] (mean of each 8x8 block)."""
+    if image.shape[1] % WORLD_PX or image.shape[2] % WORLD_PX:
+        raise ValueError(f"image: height and width must be multiples of {WORLD_PX}, got {tuple(image.shape[1:3])}")
+    x = torch.nn.functional.avg_pool2d(image[..., :3].permute(0, 3, 1, 2).float(), WORLD_PX)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def from_world(pixels: torch.Tensor) -> torch.Tensor:
+    """World pixels [B, h, w, C] -> IMAGE [B, 8h, 8w, C] (nearest)."""
+    return pixels.repeat_interleave(WORLD_PX, 1).repeat_interleave(WORLD_PX, 2).contiguous()
+
+
+class GNRIWorldLoader:
+    """The pack's trained world models (gnri_world/weights): ``unet`` (SD1.5-type EPS UNet)
+    or ``flux`` (Flux-type flow DiT), and the shipped world text encoder as a real CLIP
+    (stock CLIPTextEncode works; its output fits both models)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (WORLD_FAMILIES, {"default": "unet"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    RETURN_NAMES = ("model", "clip")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, family):
+        return (world_model(family), world_clip())
+
+
+class GNRIWorldEncode:
+    """IMAGE -> LATENT with the world's exact linear "VAE" (8x8 pixel blocks averaged
+    into one latent cell, as a VAE downscales)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pixels": ("IMAGE",), "family": (WORLD_FAMILIES, {"default": "unet"})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, pixels, family):
+        return ({"samples": world_latent.encode(to_world(pixels), family)},)
+
+
+class GNRIWorldDecode:
+    """LATENT -> IMAGE with the world's exact linear "VAE" (each latent cell an 8x8 block)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "family": (WORLD_FAMILIES, {"default": "unet"})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    def decode(self, samples, family):
+        return (from_world(world_latent.decode(samples["samples"].float().cpu(), family)),)
+
+
+class GNRIWorldScene:
+    """A world scene as IMAGE (16x16 world pixels, 8 px each) + the objects' MASK +
+    its caption: a random scene from ``seed``, or the one ``caption`` names (size and
+    position from ``seed``)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "caption": ("STRING", {"default": ""})}}
+
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("image", "mask", "caption")
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+
+    def render(self, seed, caption=""):
+        scene = world_scenes.sample_scenes(1, seed)[0]
+        if caption.strip():
+            scene = world_scenes.from_caption(caption, seed)
+        img, masks = world_scenes.render(scene)
+        return (from_world(img[None]), from_world(masks.sum(0)[None, ..., None])[..., 0], scene.caption())
+
+
+class GNRIWorldScore:
+    """Output node: reads each IMAGE of a batch back with the world's scorer against
+    ``caption``; with ``reference`` (and ``mask``: the edit region, any size), also the
+    PSNR to the reference outside the mask.  UI: ``{"gnri_world": [{"correct": [..],
+    "read": [..], "psnr_outside": [..]}], "text": [json]}`` (lists over the batch)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "caption": ("STRING", {"default": ""})},
+                "optional": {"reference": ("IMAGE",), "mask": ("MASK",)}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "score"
+    CATEGORY = CATEGORY
+
+    def score(self, image, caption, reference=None, mask=None):
+        scene = world_scenes.from_caption(caption)
+        pixels = to_world(image)
+        result = {"correct": [world_scorer.score(p, scene) for p in pixels],
+                  "read": [[r.__dict__ for r in world_scorer.read(p, len(scene.objects))] for p in pixels]}
+        if reference is not None:
+            ref = to_world(reference)
+            outside = torch.ones(pixels.shape[1:3])
+            if mask is not None:
+                m = (mask if mask.ndim == 3 else mask[None])[:1, None].float()
+                outside = (torch.nn.functional.interpolate(m, size=pixels.shape[1:3], mode="area")[0, 0] < 0.5).float()
+            result["psnr_outside"] = [world_scorer.psnr(p, ref[min(i, len(ref) - 1)], outside)
+                                      for i, p in enumerate(pixels)]
+        return {"ui": {"gnri_world": [result], "text": [json.dumps(result)]}}
+
+
 NODE_CLASS_MAPPINGS = {
+    "GNRIWorldLoader": GNRIWorldLoader,
+    "GNRIWorldEncode": GNRIWorldEncode,
+    "GNRIWorldDecode": GNRIWorldDecode,
+    "GNRIWorldScene": GNRIWorldScene,
+    "GNRIWorldScore": GNRIWorldScore,
     "GNRITestDecode": GNRITestDecode,
     "GNRITestTinyModel": GNRITestTinyModel,
     "GNRITestConditioning": GNRITestConditioning,
     "GNRITestLatent": GNRITestLatent,
     "GNRITestLatentStats": GNRITestLatentStats,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {k: k.replace("GNRITest", "GNRI Test ") for k in NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = {k: k.replace("GNRITest", "GNRI Test ").replace("GNRIWorld", "GNRI World ")
+                              for k in NODE_CLASS_MAPPINGS}
