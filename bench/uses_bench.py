@@ -40,7 +40,7 @@ import torch
 from . import env, metrics
 
 RESULTS = os.path.join(env.ROOT, "bench", "results")
-FULL = dict(pairs=16, frames=7, per_background=20, examples=4, spreads=(0.3, 0.6))
+FULL = dict(pairs=12, frames=7, per_background=20, examples=4, spreads=(0.5,))
 QUICK = dict(pairs=4, frames=5, per_background=4, examples=2, spreads=(0.5,))
 METHODS = {"gnri": dict(method="gnri"), "ddim": dict(method="ddim")}
 
@@ -266,6 +266,7 @@ def main(args) -> int:
         for family in families:
             world = World(pack, family)
             inter, grids, ends = interpolation(world, config)
+            print(f"{family} interpolation done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             result[family] = {"interpolation": inter, "rare": rare_concept(world, config)}
             plots.append(grid_png(grids, ends, os.path.join(out, f"interpolation_{family}.png")))
             print(f"{family} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
