@@ -39,6 +39,8 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="small run (< 2 min on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="--quick on the smallest case only (CI)")
     p.add_argument("--gpu", action="store_true", help="full-size SDXL/Flux timings on CUDA")
+    p.add_argument("--uses", action="store_true", help="interpolation and rare-concept seeds on the world models")
+    p.add_argument("--world-family", help="with --uses: unet, flux or unet,flux (default unet)")
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
     p.add_argument("--no-plots", action="store_true")
@@ -53,6 +55,9 @@ def main(argv=None):
     if args.gpu:
         from . import gpu
         sys.exit(gpu.main(args))
+    if args.uses:
+        from . import uses_bench
+        sys.exit(uses_bench.main(args))
     config = SMOKE if args.smoke else QUICK if args.quick else FULL
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     out = args.out or (RESULTS if mode == "full" else os.path.join(RESULTS, mode))

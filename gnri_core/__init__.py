@@ -5,6 +5,7 @@
     x = reconstruct(denoise, result.noise, sigmas.flip(0))
 """
 from .errors import InversionError, InversionInputError
+from .interpolate import concept_noise, frame_weights, slerp
 from .invert import METHODS, check_family, check_latent, check_method, check_sigmas, invert, reconstruct
 from .result import InversionResult, StepResult
 from .sampling import sample_guided_nr, sigmas_ascend
@@ -13,5 +14,5 @@ from .solvers import DEFAULTS, SolverOptions
 __all__ = [
     "invert", "reconstruct", "sample_guided_nr", "sigmas_ascend", "METHODS", "DEFAULTS",
     "SolverOptions", "InversionResult", "StepResult", "InversionError", "InversionInputError",
-    "check_family", "check_latent", "check_method", "check_sigmas",
+    "check_family", "check_latent", "check_method", "check_sigmas", "slerp", "frame_weights", "concept_noise",
 ]

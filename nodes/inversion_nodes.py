@@ -67,6 +67,17 @@ def solver_options(method: str, iterations: int, tolerance: float, lam: float,
     return options
 
 
+def partial(ascending, end_at_step: int):
+    """The ascending schedule cut where generation step ``end_at_step`` starts."""
+    steps = len(ascending) - 1
+    if end_at_step == 0:
+        return ascending
+    if not 0 < end_at_step < steps:
+        raise InversionInputError(f"end_at_step: must lie in [0, {steps - 1}] for a {steps}-step schedule, "
+                                  f"got {end_at_step}")
+    return ascending[:len(ascending) - end_at_step]
+
+
 class GNRIInvert(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -90,6 +101,11 @@ class GNRIInvert(io.ComfyNode):
                                       tooltip="Used when cfg != 1; default: the positive zeroed out."),
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="Overrides steps/scheduler (either direction)."),
+                io.Int.Input("end_at_step", default=0, min=0, max=10000, optional=True,
+                             tooltip=("Partial inversion (Unsampler's end_at_step): stop at the noise level where "
+                                      "generation step N starts; 0 inverts fully. Regenerate with the sigmas "
+                                      "output, or KSamplerAdvanced start_at_step N. Same as SplitSigmas(N)'s "
+                                      "low sigmas into `sigmas`.")),
             ],
             outputs=[
                 io.Latent.Output(display_name="inverted_latent"),
@@ -102,9 +118,9 @@ class GNRIInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, cfg, method, iterations,
                 tolerance, lam, sampler, newton_form, noise_seed=0, negative=None,
-                sigmas=None) -> io.NodeOutput:
+                sigmas=None, end_at_step=0) -> io.NodeOutput:
         check_finite(cfg=cfg)
-        ascending = schedule(model, steps, scheduler, sigmas)
+        ascending = partial(schedule(model, steps, scheduler, sigmas), end_at_step)
         options = solver_options(method, iterations, tolerance, lam, sampler, newton_form)
         inverted, inversion = invert_latent(model, positive, negative, latent, ascending, cfg, method,
                                             seed=noise_seed, **options)

@@ -200,3 +200,83 @@ WORKFLOWS = {
     "gnri_flux_schnell_realtime_edit.json": (flux(), {"gnri_test_family": "flow"}),
     "gnri_reconstruction_check.json": (reconstruction_check(), {"gnri_test_family": "eps"}),
 }
+
+
+INTERPOLATE_NOTE = """## Interpolate between two photos (GNRI Interpolate)
+
+1. **Load Checkpoint**: an SD1.5 checkpoint; two photos of the same size, each with a prompt that describes it.
+2. Both are inverted with the same settings (GNRI Invert); **GNRI Interpolate** regenerates `frames`
+   images from the spherical interpolation of the two inverted noises (it keeps them Gaussian) and the
+   linear interpolation of the prompts.
+3. Queue: the first and last frames are the two reconstructions, the frames between morph one into the other.
+
+Exact inversion is what makes the ends match and keeps the middle frames sharp (naive `ddim`
+inversion gives off-distribution noises)."""
+
+CONCEPT_NOTE = """## A rare concept from a few examples (GNRI Concept Noise)
+
+1. **Load Checkpoint**: an SD1.5 checkpoint; a few photos of a concept the model rarely draws
+   (batched with Image Batch), and a prompt that names it.
+2. GNRI Invert inverts them all; **GNRI Concept Noise** draws seeds near their inverted noises:
+   `spread` is the angle from their centroid in units of 90° (0: the centroid, 1: random noise).
+3. Queue: SamplerCustomAdvanced draws `batch_size` new images of the concept from those seeds.
+
+Regenerate with `euler` and the inversion's `sigmas` output, as here."""
+
+
+def interpolate():
+    model, clip, vae = (1, 0), (1, 1), (1, 2)
+    a_prompt = "a photo of a cat sitting on a wooden table, soft daylight"
+    b_prompt = "a photo of a dog sitting on a wooden table, soft daylight"
+    invert = {**GNRI_DEFAULTS, "steps": 25, "scheduler": "ddim_uniform"}
+    return [note(2, [-480, 0], INTERPOLATE_NOTE),
+            node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(10, "LoadImage", [0, 0], {"image": "example.png"}, title="First photo", size=(320, 320)),
+            node(11, "VAEEncode", [340, 0], links={"pixels": (10, 0), "vae": vae}),
+            node(12, "CLIPTextEncode", [340, 120], {"text": a_prompt}, {"clip": clip},
+                 title="First prompt (describes the first photo)", size=(400, 120)),
+            node(14, "LoadImage", [0, 420], {"image": "example.png"}, title="Second photo", size=(320, 320)),
+            node(15, "VAEEncode", [340, 420], links={"pixels": (14, 0), "vae": vae}),
+            node(16, "CLIPTextEncode", [340, 540], {"text": b_prompt}, {"clip": clip},
+                 title="Second prompt (describes the second photo)", size=(400, 120)),
+            node(20, "GNRIInvert", [800, 0], invert, {"model": model, "positive": (12, 0), "latent": (11, 0)},
+                 size=(340, 400)),
+            node(21, "GNRIInvert", [800, 440], invert, {"model": model, "positive": (16, 0), "latent": (15, 0)},
+                 size=(340, 400)),
+            node(30, "GNRIInterpolate", [1180, 200], {"frames": 5},
+                 {"model": model, "inversion_a": (20, 3), "inversion_b": (21, 3), "positive_a": (12, 0),
+                  "positive_b": (16, 0)}, size=(320, 200)),
+            node(31, "VAEDecode", [1540, 200], links={"samples": (30, 0), "vae": vae}),
+            node(32, "SaveImage", [1780, 200], {"filename_prefix": "gnri_interpolation"}, {"images": (31, 0)},
+                 title="Frames", size=(400, 400))]
+
+
+def concept():
+    model, clip, vae = (1, 0), (1, 1), (1, 2)
+    prompt = "a photo of a blue strawberry on a white plate"
+    return [note(2, [-480, 0], CONCEPT_NOTE),
+            node(1, "CheckpointLoaderSimple", [-480, 300], {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}),
+            node(10, "LoadImage", [0, 0], {"image": "example.png"}, title="Example 1", size=(300, 300)),
+            node(11, "LoadImage", [0, 340], {"image": "example.png"}, title="Example 2", size=(300, 300)),
+            node(12, "ImageBatch", [340, 200], links={"image1": (10, 0), "image2": (11, 0)}),
+            node(13, "VAEEncode", [340, 320], links={"pixels": (12, 0), "vae": vae}),
+            node(14, "CLIPTextEncode", [340, 0], {"text": prompt}, {"clip": clip},
+                 title="The concept's prompt", size=(400, 120)),
+            node(20, "GNRIInvert", [800, 0], {**GNRI_DEFAULTS, "steps": 25, "scheduler": "ddim_uniform"},
+                 {"model": model, "positive": (14, 0), "latent": (13, 0)}, size=(340, 400)),
+            node(30, "GNRIConceptNoise", [1180, 0], {"spread": 0.5, "noise_seed": 0, "batch_size": 2},
+                 {"model": model, "inversion": (20, 3)}, size=(320, 180)),
+            node(31, "BasicGuider", [1180, 220], links={"model": model, "conditioning": (14, 0)}),
+            node(32, "KSamplerSelect", [1180, 320], {"sampler_name": "euler"}),
+            node(33, "SamplerCustomAdvanced", [1540, 0],
+                 links={"noise": (30, 0), "guider": (31, 0), "sampler": (32, 0), "sigmas": (20, 2),
+                        "latent_image": (30, 1)}, title="New samples of the concept"),
+            node(34, "VAEDecode", [1900, 0], links={"samples": (33, 0), "vae": vae}),
+            node(35, "SaveImage", [2140, 0], {"filename_prefix": "gnri_concept"}, {"images": (34, 0)},
+                 title="Samples", size=(400, 400))]
+
+
+WORKFLOWS.update({
+    "gnri_interpolate.json": (interpolate(), {"gnri_test_family": "eps"}),
+    "gnri_concept_noise.json": (concept(), {"gnri_test_family": "eps"}),
+})
