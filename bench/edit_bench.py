@@ -41,9 +41,12 @@ CHUNK = 64          # pairs per model call (larger batches are slower per sample
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BLUR, DILATE = 1.0, 1   # Attention Mask Blend's defaults
 
-FULL = dict(pairs=320, steps=6, sweep_pairs=160, families=FAMILIES)
-QUICK = dict(pairs=32, steps=4, sweep_pairs=16, families=FAMILIES)
-SMOKE = dict(pairs=4, steps=3, sweep_pairs=4, families=FAMILIES, smoke=True)
+# pairs per family (each family its own pairs: seed SEEDS[family]); the sweeps (every
+# axis but "method") run on the first sweep_pairs of them
+FULL = dict(pairs=160, steps=4, sweep_pairs=48, families=FAMILIES)
+QUICK = dict(pairs=8, steps=4, sweep_pairs=4, families=FAMILIES, mask_grid="middle")
+SMOKE = dict(pairs=4, steps=3, sweep_pairs=4, families=FAMILIES, smoke=True, mask_grid="middle")
+SEEDS = {"unet": 2026, "flux": 2027}
 
 
 @dataclass(frozen=True)
@@ -368,17 +371,21 @@ class Batch:
         return rows, edited, masks[1]
 
 
-def mask_settings(family: str, steps: int) -> list[tuple[int, str]]:
+def mask_settings(family: str, steps: int, only: str | None = None) -> list[tuple[int, str]]:
     """(Attention Mask Blend step, blocks) whose IoU is measured on every pair: every
-    trajectory latent with the default layers, the other layers at the middle step."""
+    trajectory latent (``only="middle"``: the middle one) with the default layers, the
+    other layers at the middle step."""
     alternatives = ("4",) if family == "unet" else ("0", "1")
-    return [(k, "default") for k in range(steps + 1)] + [(-1, b) for b in alternatives]
+    steps_shown = [-1] if only == "middle" else list(range(steps + 1))
+    return [(k, "default") for k in steps_shown] + [(-1, b) for b in alternatives]
 
 
 def run_family(pack, family: str, pairs, configs, steps: int, sweep_pairs: int, progress=None,
-               shown: int = 0):
+               shown: int = 0, mask_steps=None, on_group=None):
     """-> (edit rows: one dict per (config, pair), mask rows: one per (step, blocks,
-    threshold, pair), pictures: {column: images} of the first ``shown`` pairs of each group)."""
+    threshold, pair), pictures: {column: images} of the first ``shown`` pairs of each group).
+    ``mask_steps``: the (step, blocks) of the IoU grid (default ``mask_settings``);
+    ``on_group(rows, mask_rows)`` after every group (partial results)."""
     from gnri_world import scenes
     world = World(pack, family)
     sweep_ids = {id(p) for p in pairs[:sweep_pairs]}
@@ -398,10 +405,12 @@ def run_family(pack, family: str, pairs, configs, steps: int, sweep_pairs: int, 
                     pictures.setdefault(f"{label}: mask", []).append(masks[:shown])
             if progress and got:
                 progress(family, label, len(got))
-        for step, blocks in mask_settings(family, steps):
+        for step, blocks in mask_steps or mask_settings(family, steps):
             mask_rows += batch.mask_rows(step, blocks)
         if progress:
             progress(family, "attention-mask IoU grid", len(group))
+        if on_group:
+            on_group(rows, mask_rows)
     return rows, mask_rows, {k: (v if k == "_pairs" else torch.cat(v)) for k, v in pictures.items()}
 
 
@@ -474,24 +483,30 @@ def kinds_table(table, family: str) -> str:
 
 
 def picture_grid(pictures: dict, family: str, path: str, scale: int = 8) -> str:
-    """Rows: pairs; columns: source, target, each edit (and its mask) kept."""
+    """Rows: pairs; columns (labelled): source, target, each edit (and its mask) kept."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
     cols = [k for k in pictures if not k.startswith("_")]
-    tiles = []
-    for k in cols:
-        im = pictures[k]
-        if im.ndim == 3:   # a mask
-            im = im.unsqueeze(-1).expand(-1, -1, -1, 3)
-        tiles.append(im)
+    tiles = [pictures[k].unsqueeze(-1).expand(-1, -1, -1, 3) if pictures[k].ndim == 3 else pictures[k] for k in cols]
     rows = [torch.cat([torch.nn.functional.pad(t[i].permute(2, 0, 1), (1, 1, 1, 1), value=1.0) for t in tiles], 2)
             for i in range(tiles[0].shape[0])]
     img = torch.cat(rows, 1).permute(1, 2, 0).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    Image.fromarray((img.clamp(0, 1).numpy() * 255).astype(np.uint8)).save(path)
+    body = Image.fromarray((img.clamp(0, 1).numpy() * 255).astype(np.uint8))
+    canvas = Image.new("RGB", (body.width, body.height + 14), "white")
+    canvas.paste(body, (0, 14))
+    draw, width = ImageDraw.Draw(canvas), (scenes_size() + 2) * scale
+    for j, k in enumerate(cols):
+        draw.text((j * width + 4, 2), k.replace("gnri default", "gnri"), fill="black")
+    canvas.save(path)
     with open(path[:-4] + ".txt", "w") as f:
         f.write(f"{family}: columns " + ", ".join(cols) + "\n" + "\n".join(
             f"row {i}: {p.kind}: {p.source_caption} -> {p.target_caption}" for i, p in enumerate(pictures["_pairs"])))
     return path
+
+
+def scenes_size() -> int:
+    from gnri_world import scenes
+    return scenes.SIZE
 
 
 def mask_summary(mask_rows) -> list[dict]:
@@ -522,7 +537,7 @@ def mask_table(summary, family: str) -> str:
 def report(table, mask_sum, meta) -> str:
     parts = [f"# Editing benchmark ({meta['mode']})", "",
              f"`{meta['command']}` — {meta['seconds']:.0f} s wall, {meta['steps']} steps, {meta['pairs']} pairs per "
-             f"family (sweeps on the first {meta['sweep_pairs']}), torch {meta['torch']}, one process per family "
+             f"family, {len(meta['families']) * meta['pairs']} in all (sweeps on the first {meta['sweep_pairs']}), torch {meta['torch']}, one process per family "
              f"with {meta['threads']} thread(s), weights: {meta['weights']}.", ""]
     for family in meta["families"]:
         parts += [f"## {family}", "", markdown_table(table, family), "",
@@ -532,53 +547,58 @@ def report(table, mask_sum, meta) -> str:
     return "\n".join(parts) + "\n"
 
 
-def run_one_family(args, config, mode, out, family) -> None:
+def run_one_family(args, config, out, family) -> None:
     from gnri_world import scenes
     pack = env.setup()
-    pairs = scenes.sample_edits(config["pairs"], seed=2026)
+    pairs = scenes.sample_edits(config["pairs"], seed=SEEDS[family])
     t_start = time.perf_counter()
     shown = 0 if args.no_plots else 2
 
     def progress(family, label, n):
         print(f"[{time.perf_counter() - t_start:6.0f} s] {family} {label}: {n} pairs", file=sys.stderr, flush=True)
+
+    def save(rows, mask_rows):
+        with open(os.path.join(out, f"results_{family}.json"), "w") as f:
+            json.dump({"rows": rows, "mask_rows": mask_rows, "seconds": time.perf_counter() - t_start,
+                       "threads": torch.get_num_threads()}, f, default=str)
     with torch.inference_mode(False):
         rows, mask_rows, pictures = run_family(pack, family, pairs, grid(family, config.get("smoke", False)),
-                                               config["steps"], config["sweep_pairs"], progress, shown)
+                                               config["steps"], config["sweep_pairs"], progress, shown,
+                                               mask_settings(family, config["steps"], config.get("mask_grid")), save)
     if shown:
         columns = {k: v for k, v in pictures.items() if k in ("_pairs", "source", "target") or k in PICTURED}
         picture_grid(columns, family, os.path.join(out, f"editing_{family}.png"))
-    with open(os.path.join(out, f"results_{family}.json"), "w") as f:
-        json.dump({"rows": rows, "mask_rows": mask_rows, "seconds": time.perf_counter() - t_start,
-                   "threads": torch.get_num_threads()}, f, default=str)
 
 
 def main(args) -> int:
-    """One subprocess per family (they run in parallel), then the combined report."""
+    """One subprocess per family (they run in parallel), then the combined report
+    (``--report-only``: from the per-family results already in the output folder)."""
     import subprocess
     config = SMOKE if args.smoke else QUICK if args.quick else FULL
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     out = args.out or os.path.join(RESULTS, "edit" if mode == "full" else f"edit_{mode}")
     os.makedirs(out, exist_ok=True)
     if args.family:
-        run_one_family(args, config, mode, out, args.family)
+        run_one_family(args, config, out, args.family)
         return 0
     t_start = time.perf_counter()
-    flags = ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
-    flags += ["--no-plots"] if args.no_plots else []
-    procs = [subprocess.Popen([sys.executable, "-m", "bench", "--edit", "--family", f, "--out", out, *flags],
-                              cwd=env.ROOT) for f in config["families"]]
-    if any(p.wait() for p in procs):
-        print("edit benchmark: a family run failed", file=sys.stderr)
-        return 1
-    rows, mask_rows, threads = [], [], 1
+    if not args.report_only:
+        flags = ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
+        flags += ["--no-plots"] if args.no_plots else []
+        procs = [subprocess.Popen([sys.executable, "-m", "bench", "--edit", "--family", f, "--out", out, *flags],
+                                  cwd=env.ROOT) for f in config["families"]]
+        if any(p.wait() for p in procs):
+            print("edit benchmark: a family run failed", file=sys.stderr)
+            return 1
+    rows, mask_rows, threads, seconds = [], [], 1, 0.0
     for f in config["families"]:
         with open(os.path.join(out, f"results_{f}.json")) as fh:
             data = json.load(fh)
         rows += data["rows"]
         mask_rows += data["mask_rows"]
-        threads = data["threads"]
+        threads, seconds = data["threads"], max(seconds, data["seconds"])
     meta = dict(mode=mode, command="python -m bench --edit" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[mode],
-                seconds=round(time.perf_counter() - t_start, 1), steps=config["steps"], pairs=config["pairs"],
+                seconds=round(seconds if args.report_only else time.perf_counter() - t_start, 1), steps=config["steps"], pairs=config["pairs"],
                 sweep_pairs=config["sweep_pairs"], families=list(config["families"]), torch=torch.__version__,
                 threads=threads, weights=os.environ.get("GNRI_WORLD_WEIGHTS") or "shipped")
     table, mask_sum = summarise(rows), mask_summary(mask_rows)
