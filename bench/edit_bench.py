@@ -41,11 +41,12 @@ CHUNK = 64          # pairs per model call (larger batches are slower per sample
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BLUR, DILATE = 1.0, 1   # Attention Mask Blend's defaults
 
-# pairs per family (each family its own pairs: seed SEEDS[family]); the sweeps (every
-# axis but "method") run on the first sweep_pairs of them
-FULL = dict(pairs=160, steps=4, sweep_pairs=48, families=FAMILIES)
-QUICK = dict(pairs=8, steps=4, sweep_pairs=4, families=FAMILIES, mask_grid="middle")
-SMOKE = dict(pairs=4, steps=3, sweep_pairs=4, families=FAMILIES, smoke=True, mask_grid="middle")
+# pairs per family (each family its own pairs: seed SEEDS[family]); tiers: native and
+# the gnri default (with and without the mask) and the mask IoU grid run on all pairs,
+# the other methods on the first method_pairs, the sweeps on the first sweep_pairs
+FULL = dict(pairs=160, method_pairs=64, sweep_pairs=32, steps=4, families=FAMILIES)
+QUICK = dict(pairs=8, method_pairs=8, sweep_pairs=4, steps=4, families=FAMILIES, mask_grid="middle")
+SMOKE = dict(pairs=4, method_pairs=4, sweep_pairs=4, steps=3, families=FAMILIES, smoke=True, mask_grid="middle")
 SEEDS = {"unet": 2026, "flux": 2027}
 
 
@@ -83,25 +84,26 @@ METHODS = [  # (label, config): every inversion method at its budget
 ]
 
 
-def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config]]:
-    """(axis, label, config): each method with and without the attention mask, then
-    one axis at a time around ``DEFAULT``."""
+def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]:
+    """(axis, label, config, tier): each method with and without the attention mask,
+    then one axis at a time around ``DEFAULT`` (tier: which pairs run it, see FULL)."""
     rows = []
     for label, c in METHODS:
-        rows += [("method", f"{label}, no mask", replace(c, mask="none")), ("method", label, c)]
+        tier = "all" if label in ("native", "gnri default") else "methods"
+        rows += [("method", f"{label}, no mask", replace(c, mask="none"), tier), ("method", label, c, tier)]
     if smoke:
         return rows[:2] + rows[-4:-2]
-    rows += [("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
-             ("mask", "attention mask, blend_cfg 6", replace(DEFAULT, blend_cfg=6.0))]
-    rows += [("edit_cfg", f"edit_cfg {v:g}", replace(DEFAULT, edit_cfg=v)) for v in (1.0, 5.0)]
-    rows += [("strength", f"strength {v:g}", replace(DEFAULT, strength=v)) for v in (0.5, 1.5)]
-    rows += [("start_step", f"start_step {v}", replace(DEFAULT, start_step=v)) for v in (1, 2)]
-    rows += [("lam", f"lam {v:g}", replace(DEFAULT, lam=v)) for v in (0.0, 1.0, 10.0)]
-    rows += [("threshold", f"threshold {v:g}", replace(DEFAULT, threshold=v)) for v in (0.3, 0.45, 0.75)]
-    rows += [("amb_step", f"amb_step {v}", replace(DEFAULT, amb_step=v)) for v in (1, 99)]
+    sweeps = [("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
+              ("mask", "attention mask, blend_cfg 6", replace(DEFAULT, blend_cfg=6.0))]
+    sweeps += [("edit_cfg", f"edit_cfg {v:g}", replace(DEFAULT, edit_cfg=v)) for v in (1.0, 5.0)]
+    sweeps += [("strength", f"strength {v:g}", replace(DEFAULT, strength=v)) for v in (0.5, 1.5)]
+    sweeps += [("start_step", f"start_step {v}", replace(DEFAULT, start_step=v)) for v in (1, 2)]
+    sweeps += [("lam", f"lam {v:g}", replace(DEFAULT, lam=v)) for v in (0.0, 1.0, 10.0)]
+    sweeps += [("threshold", f"threshold {v:g}", replace(DEFAULT, threshold=v)) for v in (0.3, 0.45, 0.75)]
+    sweeps += [("amb_step", f"amb_step {v}", replace(DEFAULT, amb_step=v)) for v in (1, 99)]
     blocks = ("4",) if family == "unet" else ("0", "1")
-    rows += [("blocks", f"blocks {v}", replace(DEFAULT, blocks=v)) for v in blocks]
-    return rows
+    sweeps += [("blocks", f"blocks {v}", replace(DEFAULT, blocks=v)) for v in blocks]
+    return rows + [(*row, "sweep") for row in sweeps]
 
 
 # --------------------------------------------------------------------------- world
@@ -292,7 +294,7 @@ class Batch:
     inversions and attention masks already computed (reused by every config, sliced
     for the sweep subset)."""
 
-    def __init__(self, world: World, pairs, sweep_ids: set, steps: int):
+    def __init__(self, world: World, pairs, rank: dict, limits: dict, steps: int):
         from gnri_world import latent, scenes
         self.world, self.pairs, self.steps = world, pairs, steps
         self.images = scenes.render_batch([p.source for p in pairs])
@@ -300,7 +302,7 @@ class Batch:
         self.source = world.conditioning([p.source_caption for p in pairs])
         self.target = world.conditioning([p.target_caption for p in pairs])
         self.truth = torch.stack([p.mask().float() for p in pairs])
-        self.sweep = [i for i, p in enumerate(pairs) if id(p) in sweep_ids]
+        self.tiers = {tier: [i for i, p in enumerate(pairs) if rank[id(p)] < n] for tier, n in limits.items()}
         self.cache: dict = {}
 
     def cached(self, key, sel, compute, slicer):
@@ -309,7 +311,7 @@ class Batch:
         if (key, "all") in self.cache:
             value, calls = self.cache[(key, "all")]
             return (value if sel == whole else slicer(value, sel)), calls
-        tag = "all" if sel == whole else "sweep"
+        tag = "all" if sel == whole else len(sel)
         if (key, tag) not in self.cache:
             self.cache[(key, tag)] = compute(sel)
         return self.cache[(key, tag)]
@@ -340,10 +342,11 @@ class Batch:
                                  whole_iou=float((t > 0).float().mean())))
         return rows
 
-    def run(self, axis: str, label: str, config: Config) -> tuple[list[dict], torch.Tensor | None, list]:
-        """Score rows of one config, its edited images and masks (None when skipped)."""
+    def run(self, axis: str, label: str, config: Config, tier: str) -> tuple[list[dict], torch.Tensor | None, list]:
+        """Score rows of one config on the pairs of its tier, its edited images and masks
+        (None when skipped)."""
         from gnri_world import latent
-        sel = list(range(len(self.pairs))) if axis == "method" else self.sweep
+        sel = self.tiers[tier]
         if not sel:
             return [], None, None
         t0 = time.perf_counter()
@@ -380,26 +383,26 @@ def mask_settings(family: str, steps: int, only: str | None = None) -> list[tupl
     return [(k, "default") for k in steps_shown] + [(-1, b) for b in alternatives]
 
 
-def run_family(pack, family: str, pairs, configs, steps: int, sweep_pairs: int, progress=None,
+def run_family(pack, family: str, pairs, configs, steps: int, limits: dict, progress=None,
                shown: int = 0, mask_steps=None, on_group=None):
-    """-> (edit rows: one dict per (config, pair), mask rows: one per (step, blocks,
+    """``limits``: pairs per tier (the first ones). -> (edit rows: one dict per (config, pair), mask rows: one per (step, blocks,
     threshold, pair), pictures: {column: images} of the first ``shown`` pairs of each group).
     ``mask_steps``: the (step, blocks) of the IoU grid (default ``mask_settings``);
     ``on_group(rows, mask_rows)`` after every group (partial results)."""
     from gnri_world import scenes
     world = World(pack, family)
-    sweep_ids = {id(p) for p in pairs[:sweep_pairs]}
+    rank = {id(p): i for i, p in enumerate(pairs)}
     rows, mask_rows, pictures = [], [], {"_pairs": [], "source": [], "target": []}
     for group in chunks(world, pairs):
-        batch = Batch(world, group, sweep_ids, steps)
+        batch = Batch(world, group, rank, limits, steps)
         if shown:
             pictures["_pairs"] += group[:shown]
             pictures["source"].append(batch.images[:shown])
             pictures["target"].append(scenes.render_batch([p.target for p in group[:shown]]))
-        for axis, label, config in configs:
-            got, edited, masks = batch.run(axis, label, config)
+        for axis, label, config, tier in configs:
+            got, edited, masks = batch.run(axis, label, config, tier)
             rows += got
-            if shown and axis == "method" and edited is not None:
+            if shown and tier == "all" and edited is not None:
                 pictures.setdefault(label, []).append(edited[:shown])
                 if masks is not None:
                     pictures.setdefault(f"{label}: mask", []).append(masks[:shown])
@@ -537,7 +540,8 @@ def mask_table(summary, family: str) -> str:
 def report(table, mask_sum, meta) -> str:
     parts = [f"# Editing benchmark ({meta['mode']})", "",
              f"`{meta['command']}` — {meta['seconds']:.0f} s wall, {meta['steps']} steps, {meta['pairs']} pairs per "
-             f"family, {len(meta['families']) * meta['pairs']} in all (sweeps on the first {meta['sweep_pairs']}), torch {meta['torch']}, one process per family "
+             f"family, {len(meta['families']) * meta['pairs']} in all (native and gnri default on all, the other methods on "
+             f"the first {meta['method_pairs']}, the sweeps on the first {meta['sweep_pairs']}), torch {meta['torch']}, one process per family "
              f"with {meta['threads']} thread(s), weights: {meta['weights']}.", ""]
     for family in meta["families"]:
         parts += [f"## {family}", "", markdown_table(table, family), "",
@@ -545,6 +549,10 @@ def report(table, mask_sum, meta) -> str:
                   "Attention Mask Blend IoU against the true mask, default inversion, every pair "
                   "(mean (median), median cover):", "", mask_table(mask_sum, family), ""]
     return "\n".join(parts) + "\n"
+
+
+def tiers(config: dict) -> dict:
+    return {"all": config["pairs"], "methods": config["method_pairs"], "sweep": config["sweep_pairs"]}
 
 
 def run_one_family(args, config, out, family) -> None:
@@ -563,7 +571,7 @@ def run_one_family(args, config, out, family) -> None:
                        "threads": torch.get_num_threads()}, f, default=str)
     with torch.inference_mode(False):
         rows, mask_rows, pictures = run_family(pack, family, pairs, grid(family, config.get("smoke", False)),
-                                               config["steps"], config["sweep_pairs"], progress, shown,
+                                               config["steps"], tiers(config), progress, shown,
                                                mask_settings(family, config["steps"], config.get("mask_grid")), save)
     if shown:
         columns = {k: v for k, v in pictures.items() if k in ("_pairs", "source", "target") or k in PICTURED}
@@ -599,7 +607,7 @@ def main(args) -> int:
         threads, seconds = data["threads"], max(seconds, data["seconds"])
     meta = dict(mode=mode, command="python -m bench --edit" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[mode],
                 seconds=round(seconds if args.report_only else time.perf_counter() - t_start, 1), steps=config["steps"], pairs=config["pairs"],
-                sweep_pairs=config["sweep_pairs"], families=list(config["families"]), torch=torch.__version__,
+                method_pairs=config["method_pairs"], sweep_pairs=config["sweep_pairs"], families=list(config["families"]), torch=torch.__version__,
                 threads=threads, weights=os.environ.get("GNRI_WORLD_WEIGHTS") or "shipped")
     table, mask_sum = summarise(rows), mask_summary(mask_rows)
     with open(os.path.join(out, "results.json"), "w") as f:

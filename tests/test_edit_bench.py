@@ -28,8 +28,9 @@ def test_edit_bench_smoke(pack, family):
     from gnri_world import scenes
     pairs = scenes.sample_edits(4, seed=2026)
     configs = edit_bench.grid(family, smoke=True)
-    rows, mask_rows, pictures = edit_bench.run_family(pack, family, pairs, configs, steps=3, sweep_pairs=4,
-                                                      shown=1, mask_steps=[(-1, "default")])
+    rows, mask_rows, pictures = edit_bench.run_family(pack, family, pairs, configs, steps=3,
+                                                      limits=edit_bench.tiers(edit_bench.SMOKE), shown=1,
+                                                      mask_steps=[(-1, "default")])
     assert len(rows) == len(pairs) * len(configs)
     assert {r["kind"] for r in rows} == set(scenes.EDIT_KINDS)
     for r in rows:
@@ -54,8 +55,8 @@ def test_box_iou():
 
 def test_quick_grid_covers_every_factor():
     """The partial grid varies each required factor around the default."""
-    axes = {axis for axis, _, _ in edit_bench.grid("unet")}
+    axes = {row[0] for row in edit_bench.grid("unet")}
     assert {"method", "mask", "strength", "start_step", "lam", "threshold", "amb_step", "blocks"} <= axes
-    methods = {c.method for axis, _, c in edit_bench.grid("flux") if axis == "method"}
+    methods = {c.method for axis, _, c, _ in edit_bench.grid("flux") if axis == "method"}
     assert methods == {"native", "ddim", "fixed_point", "anderson", "gnri"}
     assert os.path.isfile(os.path.join(comfy_env.REPO_ROOT, "bench", "edit_bench.py"))
