@@ -18,7 +18,8 @@ The grid varies one axis at a time around ``DEFAULT`` (``grid``). Each pair is r
 back by the world's scorer: success (the edited attribute reached), leakage (another
 attribute of the scene changed), PSNR outside the true edit mask against the source,
 structure IoU (equal-area boxes at the object centroids, edited vs target) and the
-Attention Mask IoU against the true mask; model calls are counted per batch call.
+Attention Mask IoU against the true mask; model calls are counted per image (network
+evaluations: a CFG step costs 2, however ComfyUI batches them).
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]
         rows += [("method", f"{label}, no mask", replace(c, mask="none"), tier), ("method", label, c, tier)]
     if smoke:
         return rows[:2] + rows[-4:-2]
-    sweeps = [("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
+    sweeps = [("default", "gnri default (sweep pairs)", DEFAULT),
+              ("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
               ("mask", "attention mask, blend_cfg 6", replace(DEFAULT, blend_cfg=6.0))]
     sweeps += [("edit_cfg", f"edit_cfg {v:g}", replace(DEFAULT, edit_cfg=v)) for v in (1.0, 5.0)]
     sweeps += [("strength", f"strength {v:g}", replace(DEFAULT, strength=v)) for v in (0.5, 1.5)]
@@ -109,11 +111,24 @@ def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]
 # --------------------------------------------------------------------------- world
 
 def call_counter():
-    """comfy_bench's ModelClock, shared by the clones the nodes make (ModelPatcher.clone
-    deep-copies model_options, wrapper included)."""
+    """comfy_bench's ModelClock, also counting images per call (``per_image``), shared by
+    the clones the nodes make (ModelPatcher.clone deep-copies model_options)."""
     from .comfy_bench import ModelClock
 
     class Shared(ModelClock):
+        images = 0
+
+        def __call__(self, apply_model, args):
+            self.images += args["input"].shape[0]
+            return super().__call__(apply_model, args)
+
+        def reset(self):
+            super().reset()
+            self.images = 0
+
+        def per_image(self, batch: int) -> float:
+            return self.images / batch
+
         def __deepcopy__(self, memo):
             return self
     return Shared()
@@ -144,7 +159,7 @@ class World:
         return self.glue.schedule(self.model, steps, self.scheduler, None)   # ascending
 
     def invert(self, config: Config, x0: torch.Tensor, positive, steps: int):
-        """-> (INVERSION, batch model calls)."""
+        """-> (INVERSION, model calls per image)."""
         self.clock.reset()
         ascending = self.sigmas(steps)
         if config.method == "native":
@@ -156,7 +171,7 @@ class World:
                 core.lam if config.lam < 0 else config.lam)
             _, inversion = self.glue.invert_latent(self.model, positive, None, {"samples": x0}, ascending, 1.0,
                                                    config.method, **options)
-        return inversion, self.clock.calls
+        return inversion, self.clock.per_image(x0.shape[0])
 
     def native(self, x0, positive, ascending):
         """ComfyUI's FlipSigmas + SamplerCustom(euler, add_noise off), trajectory kept."""
@@ -200,7 +215,7 @@ class World:
 
     def attention_mask(self, config: Config, inversion, pairs, source, target):
         """-> ((the node's MASK output, the same and its raw attention at latent size),
-        model calls): one Attention Mask Blend call."""
+        model calls per image): one Attention Mask Blend call."""
         threshold = self.pack.gnri_core.attention_mask.DEFAULT_THRESHOLD if config.threshold < 0 else config.threshold
         n = len(inversion.result.trajectory) - 1
         self.clock.reset()
@@ -210,14 +225,14 @@ class World:
                                                 step=min(config.amb_step, n), source=source, target=target)
         small = [torch.nn.functional.avg_pool2d(out[k].unsqueeze(1), self.amb.LATENT_DOWNSCALE).squeeze(1)
                  for k in ("mask", "attention")]
-        return (out["mask"], *small), self.clock.calls
+        return (out["mask"], *small), self.clock.per_image(len(pairs))
 
     def prompt_swap(self, config: Config, inversion, source, target, mask):
         self.clock.reset()
         with torch.no_grad():
             out = self.edit.prompt_swap_edit(self.model, inversion, source, target, config.strength, config.edit_cfg,
                                              "source", config.start_step, mask, config.blend_cfg)
-        return out["samples"].float().cpu(), self.clock.calls
+        return out["samples"].float().cpu(), self.clock.per_image(inversion.latent_shape[0])
 
     def token_positions(self, pair):
         src, tgt = self.amb.select_positions(self.clip, pair.source_caption, pair.target_caption, "")[2:4]
@@ -465,7 +480,7 @@ def fmt(v, pct=False):
 
 def markdown_table(table, family: str) -> str:
     head = ("| setting | n | success % | leakage % | success, no leak % | PSNR out p10 / med (dB) "
-            "| structure IoU p10 / med | mask IoU p10 / med | mask cover | inv calls/step | calls/batch |")
+            "| structure IoU p10 / med | mask IoU p10 / med | mask cover | inversion calls/step | calls in all |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for t in table:
         if t["family"] != family:
@@ -615,10 +630,11 @@ def main(args) -> int:
     text = report(table, mask_sum, meta)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
-    if mode == "full" and not args.no_plots:
+    if mode == "full" and not args.out:   # the pictures docs/editing.md shows
         import shutil
         for f in config["families"]:
-            shutil.copy(os.path.join(out, f"editing_{f}.png"), os.path.join(env.ROOT, "docs", f"editing_{f}.png"))
+            if os.path.isfile(os.path.join(out, f"editing_{f}.png")):
+                shutil.copy(os.path.join(out, f"editing_{f}.png"), os.path.join(env.ROOT, "docs", f"editing_{f}.png"))
     print(text)
     print(f"wrote {out}/results.md, results.json in {meta['seconds']:.0f} s", file=sys.stderr)
     return 0

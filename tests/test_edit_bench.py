@@ -35,12 +35,12 @@ def test_edit_bench_smoke(pack, family):
     assert {r["kind"] for r in rows} == set(scenes.EDIT_KINDS)
     for r in rows:
         assert r["psnr_out"] > 0 and 0 <= r["structure_iou"] <= 1
-        assert r["calls"] >= 3 * 2  # inversion (>= 1 call/step) + edit (1 call/step)
+        assert r["calls"] >= 3 + 3 * 2  # inversion (>= 1 call/step) + edit (cond and uncond per step)
         assert math.isnan(r["mask_iou"]) == (r["label"].endswith("no mask"))
     by_label = {t["label"]: t for t in edit_bench.summarise(rows)}
     assert by_label["native"]["inv_calls"] == 1.0
     assert by_label["gnri default"]["inv_calls"] > 1.0
-    assert by_label["gnri default"]["calls"] == by_label["gnri default, no mask"]["calls"] + 1  # the mask's call
+    assert by_label["gnri default"]["calls"] == by_label["gnri default, no mask"]["calls"] + 2  # the mask: source + target
     assert len(mask_rows) == len(pairs) * len(edit_bench.THRESHOLDS)
     assert all(0 <= m["iou"] <= 1 for m in mask_rows)
     assert pictures["source"].shape[0] == len(pictures["_pairs"]) == pictures["native"].shape[0]
