@@ -45,7 +45,7 @@ BLUR, DILATE = 1.0, 1   # Attention Mask Blend's defaults
 # pairs per family (each family its own pairs: seed SEEDS[family]); tiers: native and
 # the gnri default (with and without the mask) and the mask IoU grid run on all pairs,
 # the other methods on the first method_pairs, the sweeps on the first sweep_pairs
-FULL = dict(pairs=160, method_pairs=64, sweep_pairs=32, steps=4, families=FAMILIES)
+FULL = dict(pairs=160, method_pairs=48, sweep_pairs=24, steps=4, families=FAMILIES)
 QUICK = dict(pairs=8, method_pairs=8, sweep_pairs=4, steps=4, families=FAMILIES, mask_grid="middle")
 SMOKE = dict(pairs=4, method_pairs=4, sweep_pairs=4, steps=3, families=FAMILIES, smoke=True, mask_grid="middle")
 SEEDS = {"unet": 2026, "flux": 2027}
