@@ -98,6 +98,7 @@ def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]
               ("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
               ("mask", "attention mask, blend_cfg 6", replace(DEFAULT, blend_cfg=6.0))]
     sweeps += [("edit_cfg", f"edit_cfg {v:g}", replace(DEFAULT, edit_cfg=v)) for v in (1.0, 5.0)]
+    sweeps += [("strength", "strength 0, no mask (reconstruction)", replace(DEFAULT, strength=0.0, mask="none"))]
     sweeps += [("strength", f"strength {v:g}", replace(DEFAULT, strength=v)) for v in (0.5, 1.5)]
     sweeps += [("start_step", f"start_step {v}", replace(DEFAULT, start_step=v)) for v in (1, 2)]
     sweeps += [("lam", f"lam {v:g}", replace(DEFAULT, lam=v)) for v in (0.0, 1.0, 10.0)]
