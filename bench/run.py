@@ -3,6 +3,7 @@
     python -m bench            # full run: writes bench/results/ (results.md, results.json, PNGs)
     python -m bench --quick    # < 2 min on 2 cores: writes bench/results/quick/, prints the tables
     python -m bench --gpu      # full-size SDXL UNet / Flux transformer timings (needs CUDA)
+    python -m bench --edit     # editing benchmark on the world models (bench/edit_bench.py)
 
 Run from the repository root with the test environment active
 (``bash scripts/test.sh`` builds .venv/; ``source .venv/bin/activate``).
@@ -41,6 +42,8 @@ def parse(argv=None):
     p.add_argument("--gpu", action="store_true", help="full-size SDXL/Flux timings on CUDA")
     p.add_argument("--uses", action="store_true", help="interpolation and rare-concept seeds on the world models")
     p.add_argument("--world-family", help="with --uses: unet, flux or unet,flux (default unet)")
+    p.add_argument("--edit", action="store_true", help="editing benchmark on the world models (with --quick/--smoke)")
+    p.add_argument("--family", choices=("unet", "flux"), help="--edit: this world model only (in --out)")
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
     p.add_argument("--no-plots", action="store_true")
@@ -58,6 +61,9 @@ def main(argv=None):
     if args.uses:
         from . import uses_bench
         sys.exit(uses_bench.main(args))
+    if args.edit:
+        from . import edit_bench
+        sys.exit(edit_bench.main(args))
     config = SMOKE if args.smoke else QUICK if args.quick else FULL
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     out = args.out or (RESULTS if mode == "full" else os.path.join(RESULTS, mode))

@@ -343,6 +343,8 @@ def pick_blocks(depth: int, count: int = MAX_BLOCKS) -> list[int]:
     if depth <= count:
         return list(range(depth))
     lo = depth // 2
+    if count == 1:
+        return [lo]
     return sorted({round(lo + i * (depth - 1 - lo) / (count - 1)) for i in range(count)})
 
 
