@@ -232,8 +232,9 @@ class World:
     def prompt_swap(self, config: Config, inversion, source, target, mask):
         self.clock.reset()
         with torch.no_grad():
-            out = self.edit.prompt_swap_edit(self.model, inversion, source, target, config.strength, config.edit_cfg,
-                                             "source", config.start_step, mask, config.blend_cfg)
+            out, _notes = self.edit.prompt_swap_edit(self.model, inversion, source, target, config.strength,
+                                                     config.edit_cfg, "source", config.start_step, mask,
+                                                     config.blend_cfg)
         return out["samples"].float().cpu(), self.clock.per_image(inversion.latent_shape[0])
 
     def token_positions(self, pair):

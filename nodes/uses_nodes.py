@@ -43,6 +43,7 @@ def interpolate(model, a: Inversion, b: Inversion, positive_a, positive_b, frame
     """``frames`` regenerations from slerp(noise_a, noise_b, t) with lerp(positive_a, positive_b, t),
     t = 0 .. 1, in one LATENT batch (frame-major); the ends are the two reconstructions."""
     check_pair(a, b)
+    check_inversion_for_model(model, a)
     check_inversion_for_model(model, b)
     try:
         interpolate_conditioning(positive_a, positive_b, 0.0)
@@ -53,8 +54,9 @@ def interpolate(model, a: Inversion, b: Inversion, positive_a, positive_b, frame
     for t in frame_weights(frames):
         noise = slerp(a.result.noise, b.result.noise, t)
         frame = dataclasses.replace(a, result=dataclasses.replace(a.result, noise=noise))
-        samples.append(prompt_swap_edit(model, frame, positive_a, positive_b, t, cfg, "empty", 0,
-                                        negative=negative)["samples"])
+        edited, _notes = prompt_swap_edit(model, frame, positive_a, positive_b, t, cfg, "empty", 0,
+                                          negative=negative)
+        samples.append(edited["samples"])
     return {"samples": torch.cat(samples)}
 
 
