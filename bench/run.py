@@ -3,6 +3,8 @@
     python -m bench            # full run: writes bench/results/ (results.md, results.json, PNGs)
     python -m bench --quick    # < 2 min on 2 cores: writes bench/results/quick/, prints the tables
     python -m bench --gpu      # full-size SDXL UNet / Flux transformer timings (needs CUDA)
+    python -m bench tails [--quick]   # per-image distributions over >= 100 generated images (tails.py)
+    python -m bench sensitivity       # regeneration's sensitivity to tiny noise errors (sensitivity.py)
 
 Run from the repository root with the test environment active
 (``bash scripts/test.sh`` builds .venv/; ``source .venv/bin/activate``).
@@ -36,6 +38,9 @@ SMOKE = dict(photo_families=("eps",), photo_steps=(4,), photo_inputs=("gen0",), 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="suite", choices=("suite", "tails", "sensitivity"),
+                   help="suite (default): every method on every case; tails: distributions over many "
+                        "generated images; sensitivity: regeneration under tiny noise errors")
     p.add_argument("--quick", action="store_true", help="small run (< 2 min on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="--quick on the smallest case only (CI)")
     p.add_argument("--gpu", action="store_true", help="full-size SDXL/Flux timings on CUDA")
@@ -50,6 +55,12 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.command == "tails":
+        from . import tails
+        sys.exit(tails.main(args, RESULTS))
+    if args.command == "sensitivity":
+        from . import sensitivity
+        sys.exit(sensitivity.main())
     if args.gpu:
         from . import gpu
         sys.exit(gpu.main(args))
@@ -66,8 +77,7 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
-    from . import comfy_bench, methods, photo_bench, report, variants
-    variants.register(core)
+    from . import comfy_bench, methods, photo_bench, report
     specs = list(methods.SPECS)
     if args.methods:
         keep = set(args.methods.split(",")) | {"ddim"}
@@ -110,14 +120,13 @@ def main(argv=None):
           + f" in {elapsed:.0f} s", file=sys.stderr)
 
 
-CHECKED = ("gnri", "gnri_nopred")  # methods whose "never worse than naive" is checked
+CHECKED = ("gnri", "gnri_pred")  # methods whose "never worse than naive" is checked
 
 
 def report_only(out, config):
-    from . import methods, report, variants
+    from . import methods, report
     with open(os.path.join(out, "results.json")) as f:
         data = json.load(f)
-    variants.register(env.core())
     records, meta = data["records"], data["meta"]
     plots = report.write_plots(records, methods.SPECS, out, config["budgets"])
     text = markdown(records, methods.SPECS, config, meta, plots, out)

@@ -49,7 +49,7 @@ def test_bench_smoke(tmp_path):
 
 
 def test_regeneration_sensitivity_generated_vs_heldout_photo():
-    """``python -m bench.sensitivity``'s finding: a 1e-3 error in the converged noise costs
+    """``python -m bench sensitivity``'s finding: a 1e-3 error in the converged noise costs
     a generated image ~50 dB smoothly (it stays above 60 dB), while a held-out photo (between
     the mixture's modes) can drop to below 30 dB."""
     from bench import env, photo_bench, sensitivity
