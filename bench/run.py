@@ -46,6 +46,7 @@ def parse(argv=None):
     p.add_argument("--gpu", action="store_true", help="full-size SDXL/Flux timings on CUDA")
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
+    p.add_argument("--models", help="tails: comma-separated photo models to run (dct, iso; default both)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny ComfyUI models")
     p.add_argument("--report-only", action="store_true",

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from . import metrics
-from .methods import BY_KEY, spec_budgets
+from .methods import BY_KEY
 from .photo_model import PhotoMixture
 
 MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
 SCHEDULES = (("eps", 4), ("eps", 10), ("flow", 4), ("flow", 10))
 BATCH = 4
-FULL = dict(images=100, ancestral_images=40, budgets=(1, 2, 3, 4), lams=(0.0, 0.1, 1.0, 10.0),
-            specs=("fixed_point", "anderson", "gnri", "gnri_pred"))
-QUICK = dict(images=8, ancestral_images=4, budgets=(2, 3), lams=(0.0, 1.0), specs=("anderson", "gnri"))
+FULL = dict(images=100, ancestral_images=40, lams=(0.0, 10.0),
+            runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("fixed_point", 3)))
+QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
 
 
@@ -48,17 +48,14 @@ class Config:
 
 
 def configs(core, mode: dict) -> list:
-    budgets = mode["budgets"]
+    """ddim, the default (early stop included), ``runs`` (spec key, budget) at tol 0, the
+    default at 1 iteration, and the default at other lambdas (its own lambda: the default row)."""
     out = [Config("ddim", "ddim"), Config("gnri default", "gnri")]
-    for key in mode["specs"]:
+    for key, budget in mode["runs"]:
         spec = BY_KEY[key]
-        for budget in spec_budgets(spec, budgets):
-            out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0)))
-    default_iters = core.DEFAULTS["gnri"].max_iters
-    out += [Config(f"gnri default, lam {lam:g}", "gnri", {"lam": lam}) for lam in mode["lams"]]
+        out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0)))
     out.append(Config("gnri default ×1", "gnri", {"max_iters": 1}))
-    out.append(Config(f"anderson ×{default_iters} (tol default)", "anderson", {"max_iters": default_iters,
-                                                                               "tol": core.DEFAULTS["gnri"].tol}))
+    out += [Config(f"gnri default, lam {lam:g}", "gnri", {"lam": lam}) for lam in mode["lams"]]
     return out
 
 
@@ -102,11 +99,12 @@ def measure(core, model, sigmas, batches, config: Config) -> dict:
             **{k: [s[k] for s in stats] for k in ("std", "kurtosis", "autocorr")}}
 
 
-def run(core, config_mode: dict, progress=None) -> list:
+def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
     """One record per (model, family, steps, ancestral, config)."""
     records = []
     rows = configs(core, config_mode)
-    for name, kwargs in MODELS.items():
+    for name in models:
+        kwargs = MODELS[name]
         for family, steps in SCHEDULES:
             model = PhotoMixture(family, size=32, **kwargs)
             sigmas = schedule(family, steps)
@@ -114,8 +112,8 @@ def run(core, config_mode: dict, progress=None) -> list:
                 images = config_mode["ancestral_images" if ancestral else "images"]
                 batches = generate(core, model, sigmas, images, ancestral)
                 for config in rows:
-                    if ancestral and "lam" in config.key:
-                        continue
+                    if ancestral and ("lam" in config.key or "pred" in config.key):
+                        continue  # lambda: deterministic table only; the predictor is off on ancestral steps
                     if progress is not None:
                         progress(f"{name} {family} {steps} {'ancestral ' if ancestral else ''}{config.key}")
                     record = {"model": name, "family": family, "steps": steps, "ancestral": ancestral,
@@ -167,21 +165,23 @@ def summary(records, where, title: str, extra_stats: bool = False) -> str:
 
 
 def markdown(records, meta) -> str:
+    models = [m for m in MODELS if any(r["model"] == m for r in records)]
     main = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" not in k]
     parts = [f"# Tails: per-image distributions ({meta['mode']})", "",
-             f"`{meta['command']}` — {meta['seconds']:.0f} s, {meta['images']} generated images per model × "
+             f"`{meta['command']}` — {meta['seconds']:.0f} s (summed over processes), {meta['images']} generated images per model × "
              f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {BATCH}.", ""]
-    for name in MODELS:
+    for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and r["config"] in main,
                           f"{name} mixture, deterministic (Euler) inversion, all 4 schedules"), ""]
-    for name in MODELS:
+    for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["ancestral"],
                           f"{name} mixture, ancestral inversion (eta 1, frozen noise maps)"), ""]
     lam = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" in k]
-    for name in MODELS:
+    for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"]
-                          and r["config"] in lam + ["ddim"],
-                          f"lambda: {name} mixture, deterministic", extra_stats=True), ""]
+                          and r["config"] in ["ddim", "gnri default"] + lam,
+                          f"lambda: {name} mixture, deterministic (gnri default: lam "
+                          f"{meta['default_lam']:g})", extra_stats=True), ""]
     parts += ["Default, per case (deterministic; min / p10 / median PSNR, images > 1 dB below ddim):", ""]
     below = _below_ddim(records)
     parts += ["| model | family | steps | calls/step | min | p10 | median | below ddim |", "|---" * 8 + "|"]
@@ -195,23 +195,38 @@ def markdown(records, meta) -> str:
 
 
 def main(args, results_dir: str) -> int:
+    """Runs the models named by ``--models`` (default all) into ``results_<models>.json``,
+    then rewrites results.md from every ``results_*.json`` of the folder (``--report-only``:
+    only that; so the two models can run as two processes and be merged)."""
     from . import env
     from .run import _round
-    core = env.core()
     mode = "quick" if args.quick else "full"
     config_mode = QUICK if args.quick else FULL
     out = args.out or os.path.join(results_dir, "tails" if mode == "full" else "tails_quick")
     os.makedirs(out, exist_ok=True)
-    t0 = time.perf_counter()
-    with torch.inference_mode(False), torch.no_grad():
-        records = run(core, config_mode, progress=lambda s: print(f"\r{s:<70}", end="", file=sys.stderr))
-    print(file=sys.stderr)
-    meta = {"mode": mode, "seconds": time.perf_counter() - t0,
-            "command": "python -m bench tails" + (" --quick" if args.quick else ""), **config_mode}
+    if not args.report_only:
+        core = env.core()
+        models = tuple(args.models.split(",")) if args.models else tuple(MODELS)
+        t0 = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad():
+            records = run(core, config_mode, models,
+                          progress=lambda s: print(f"\r{s:<70}", end="", file=sys.stderr))
+        print(file=sys.stderr)
+        meta = {"mode": mode, "seconds": time.perf_counter() - t0,
+                "command": "python -m bench tails" + (" --quick" if args.quick else ""),
+                "default_lam": core.DEFAULTS["gnri"].lam, **config_mode}
+        with open(os.path.join(out, f"results_{'_'.join(models)}.json"), "w") as f:
+            json.dump({"meta": meta, "records": _round(records)}, f, default=str)
+    records, meta = [], None
+    for name in sorted(os.listdir(out)):
+        if name.startswith("results_") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                data = json.load(f)
+            records += data["records"]
+            seconds = (meta or {}).get("seconds", 0.0)
+            meta = dict(data["meta"], seconds=seconds + data["meta"]["seconds"])
     text = markdown(records, meta)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"meta": meta, "records": _round(records)}, f, default=str)
     print(text)
     return 0

@@ -4,7 +4,8 @@ Every solver is ``solve_x(problem, options) -> StepResult``, starts from
 z^0 = z_prev and spends one model call per iteration (K iterations cost exactly K
 model calls). Fixed-point, ReNoise and GNRI (paper) return f of their last/best
 evaluated iterate; Anderson returns its last mixed iterate (as AIDI does); GNRI
-(secant) returns its last Newton step only where the last iterate was accepted.
+(secant) returns its last Newton step only where a multisecant model produced it and the
+last iterate was accepted, else f of its best evaluated iterate.
 """
 from __future__ import annotations
 
@@ -302,8 +303,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        model, ``denoiser_gain``); once two iterates exist, the multisecant (Anderson
        type-II) step (``multisecant_step``). Both minimise the linear model of ||r||^2 plus
        the guidance term lambda rms(r_k)^2 ||z - mu||^2 / beta, a pull toward the forward
-       process mean that fades as the residual r_k vanishes (the root stays exact). [Newton-Raphson; Anderson 1965 / Fang-Saad multisecant;
-       GNRI guidance.] The slope carried to the next step is |dr|^2 / <dr, dz>
+       process mean that fades as the residual r_k vanishes (the root stays exact).
+       [Newton-Raphson; Anderson 1965 / Fang-Saad multisecant; GNRI guidance.] The slope carried to the next step is |dr|^2 / <dr, dz>
        [Barzilai-Borwein, second form], bounded by ``slope_bounds``.
     5. Return the last Newton step where it came from the multisecant model (two evaluated
        iterates), the last iterate was accepted and the step lies within ``GUIDE_RADIUS``
@@ -322,7 +323,6 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     best = BestSoFar(p.z_prev)
     damping = torch.ones(batch, device=device)  # restart step length, halved per rejection in a row
     valid = torch.zeros(batch, dtype=torch.long, device=device)
-    accepted = torch.ones(batch, dtype=torch.bool, device=device)
     z, zs, gs, history = p.z_prev, [], [], []
     last = p.carry.get("last_eval")  # D(z_prev, sigma), estimated by the previous step
     predicted = (o.predictor == "euler" and last is not None
