@@ -32,7 +32,8 @@ class SolverOptions:
     tol:              stop early once every relative residual is below this (0: never).
     lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G and, for the
                       secant update, in its least squares
-                      ||r||^2 + lambda rms(r_k)^2 ||z - mu||^2 / beta (see solve_gnri_secant).
+                      ||r||^2 + lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu))
+                      (see solve_gnri_secant).
     eta_floor:        GNRI (paper update) floor eta on |dF/dz_j| in the Newton denominator
                       (not ``eta``: ``invert``'s ``eta`` is the ancestral noise amount).
     gradient:         GNRI dF/dz: "detached" (reference code, model output held
@@ -302,8 +303,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        first J = a I with a from the previous step's slope (Gaussian-data denoiser gain
        model, ``denoiser_gain``); once two iterates exist, the multisecant (Anderson
        type-II) step (``multisecant_step``). Both minimise the linear model of ||r||^2 plus
-       the guidance term lambda rms(r_k)^2 ||z - mu||^2 / beta, a pull toward the forward
-       process mean that fades as the residual r_k vanishes (the root stays exact).
+       the guidance term lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu)), a pull
+       toward the forward-process mean that fades as the residual r_k vanishes (the root
+       stays exact) and never outweighs the residual (ms: mean square).
        [Newton-Raphson; Anderson 1965 / Fang-Saad multisecant; GNRI guidance.] The slope carried to the next step is |dr|^2 / <dr, dz>
        [Barzilai-Borwein, second form], bounded by ``slope_bounds``.
     5. Return the last Newton step where it came from the multisecant model (two evaluated
@@ -348,7 +350,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             break
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]  # step 4
         valid = (valid + 1).clamp_max(len(zs))
-        pull = (mu, o.lam * rms(r).pow(2) / max(beta, 1e-12))  # fades as r -> 0: the root stays exact
+        # guidance weight: fades as r -> 0 (the root stays exact) and never outweighs ||r||^2
+        pull = (mu, o.lam * rms(r).pow(2) / rms(z - mu).pow(2).clamp_min(max(beta, 1e-12)))
         single = z - (per_sample(slope, z) * r + per_sample(pull[1], z) * (z - mu)) / per_sample(
             slope ** 2 + pull[1], z)  # Newton with the scalar slope, guided
         newton = multisecant_step(zs, gs, o.ridge, valid, pull)
