@@ -52,7 +52,7 @@ METHODS = [  # (label, method, options); tol 0: exactly 2 model calls per step
     ("renoise ×2", "renoise", {"max_iters": 2, "tol": 0.0}),
     ("gnri paper, detached ×2", "gnri", {"max_iters": 2, "tol": 0.0, "update": "paper"}),
     ("gnri paper, autograd ×2", "gnri", {"max_iters": 2, "tol": 0.0, "update": "paper", "gradient": "autograd"}),
-    ("gnri secant, no predictor ×2", "gnri", {"max_iters": 2, "tol": 0.0, "predictor": "none"}),
+    ("gnri secant + Euler predictor ×2", "gnri", {"max_iters": 2, "tol": 0.0, "predictor": "euler"}),
     ("gnri (default) ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
     ("gnri ×3 (GNRI Invert's default)", "gnri", {}),
 ]
@@ -211,8 +211,6 @@ def main(args=None) -> int:
     pack = _setup(cpu=dry)
     import torch
 
-    from . import variants
-    variants.register(pack.gnri_core)  # the default and its no-predictor variant
     device = "CPU dry run (tiny configs)" if dry else torch.cuda.get_device_name(0)
     rows = []
     for kind, title in (("sdxl", "SDXL UNet (SDXL-Turbo), 512×512, fp16"),

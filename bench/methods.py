@@ -34,16 +34,10 @@ SPECS = [
     Spec("gnri_paper", "gnri paper, detached", "gnri", {"update": "paper", "gradient": "detached"}),
     Spec("gnri_autograd", "gnri paper, autograd", "gnri", {"update": "paper", "gradient": "autograd"},
          autograd=True),
-    Spec("gnri", "gnri secant (current default)", "gnri", {"update": "secant"}),
+    Spec("gnri", "gnri secant (default)", "gnri", {"update": "secant"}),
+    Spec("gnri_pred", "gnri secant + Euler predictor", "gnri", {"update": "secant", "predictor": "euler"}),
 ]
 BY_KEY = {s.key: s for s in SPECS}
-
-
-def add_spec(spec: Spec) -> None:
-    """Adds a method (e.g. a prototype registered in gnri_core's SOLVERS)."""
-    if spec.key not in BY_KEY:
-        SPECS.append(spec)
-        BY_KEY[spec.key] = spec
 
 
 def spec_budgets(spec: Spec, budgets, extra=None) -> list:

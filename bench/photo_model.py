@@ -131,10 +131,12 @@ class PhotoMixture:
 
     family: "eps" (x = x0 + sigma eps) or "flow" (x = (1 - sigma) x0 + sigma eps).
     rho:    the components' spread as a fraction of the photos' own spectrum.
+    isotropic: instead, isotropic components of this std in pixel space (a "tight"
+            mixture: 0.3 puts the photos' modes far apart relative to their spread).
     """
 
     def __init__(self, family: str = "eps", size: int = 32, rho: float = 1.0, floor: float = 0.01,
-                 zoom: bool = True):
+                 zoom: bool = True, isotropic: float | None = None):
         if family not in ("eps", "flow"):
             raise ValueError(f"family must be eps or flow, got {family!r}")
         self.family, self.size, self.rho = family, size, rho
@@ -151,6 +153,8 @@ class PhotoMixture:
         counts = torch.zeros_like(radial).index_add_(0, radius.flatten(), torch.ones_like(var.flatten()))
         spectrum = (radial / counts)[radius]
         self.c = (rho * spectrum + floor).expand(3, size, size).reshape(-1).clone()  # (D,)
+        if isotropic is not None:  # the orthonormal DCT keeps an isotropic covariance isotropic
+            self.c = torch.full_like(self.c, float(isotropic) ** 2)
         self.log_pi = torch.full((self.mu.shape[0],), -math.log(self.mu.shape[0]), dtype=torch.float64)
         self.calls = 0
 

@@ -1,9 +1,17 @@
 """Benchmark of every inversion method against ComfyUI's native inversion.
 
-    python -m bench            # full run: writes bench/results/ (results.md, results.json, PNGs)
-    python -m bench --quick    # < 2 min on 2 cores: writes bench/results/quick/, prints the tables
-    python -m bench --gpu      # full-size SDXL UNet / Flux transformer timings (needs CUDA)
-    python -m bench --edit     # editing benchmark on the world models (bench/edit_bench.py)
+One command, one subcommand per benchmark (all over the one method registry, methods.py):
+
+    python -m bench                   # suite: every method on every case -> bench/results/
+    python -m bench --quick           # the suite, < 2 min on 2 cores -> bench/results/quick/
+    python -m bench tails [--quick]   # per-image distributions over >= 100 generated images (tails.py)
+    python -m bench sensitivity       # regeneration's sensitivity to tiny noise errors (sensitivity.py)
+    python -m bench edit [--quick]    # editing benchmark on the world models (edit_bench.py)
+    python -m bench uses [--quick]    # interpolation and rare-concept seeds on the world models (uses_bench.py)
+    python -m bench diffusers         # cross-checks against diffusers' schedulers (diffusers_check.py)
+    python -m bench gpu               # full-size SDXL UNet / Flux transformer timings (needs CUDA; gpu.py)
+
+(``--gpu``, ``--edit`` and ``--uses`` are the same as the subcommands.)
 
 Run from the repository root with the test environment active
 (``bash scripts/test.sh`` builds .venv/; ``source .venv/bin/activate``).
@@ -34,9 +42,14 @@ SMOKE = dict(photo_families=("eps",), photo_steps=(4,), photo_inputs=("gen0",), 
              photo_repeat=1)
 
 
+COMMANDS = ("suite", "tails", "sensitivity", "edit", "uses", "diffusers", "gpu")
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="suite", choices=COMMANDS,
+                   help="suite (default): every method on every case; the others: see above")
     p.add_argument("--quick", action="store_true", help="small run (< 2 min on 2 cores)")
     p.add_argument("--smoke", action="store_true", help="--quick on the smallest case only (CI)")
     p.add_argument("--gpu", action="store_true", help="full-size SDXL/Flux timings on CUDA")
@@ -46,22 +59,37 @@ def parse(argv=None):
     p.add_argument("--family", choices=("unet", "flux"), help="--edit: this world model only (in --out)")
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
+    p.add_argument("--models", help="tails: comma-separated photo models to run (dct, iso; default both)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny ComfyUI models")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite results.md and the plots from the results.json already in the output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("gpu", "uses", "edit"):
+        if getattr(args, flag):
+            args.command = flag
+    args.gpu, args.uses, args.edit = (args.command == c for c in ("gpu", "uses", "edit"))
+    return args
 
 
 def main(argv=None):
     args = parse(argv)
-    if args.gpu:
+    if args.command == "tails":
+        from . import tails
+        sys.exit(tails.main(args, RESULTS))
+    if args.command == "sensitivity":
+        from . import sensitivity
+        sys.exit(sensitivity.main())
+    if args.command == "diffusers":
+        from . import diffusers_check
+        sys.exit(diffusers_check.main())
+    if args.command == "gpu":
         from . import gpu
         sys.exit(gpu.main(args))
-    if args.uses:
+    if args.command == "uses":
         from . import uses_bench
         sys.exit(uses_bench.main(args))
-    if args.edit:
+    if args.command == "edit":
         from . import edit_bench
         sys.exit(edit_bench.main(args))
     config = SMOKE if args.smoke else QUICK if args.quick else FULL
@@ -77,8 +105,7 @@ def main(argv=None):
     import torch
     from tqdm import tqdm
 
-    from . import comfy_bench, methods, photo_bench, report, variants
-    variants.register(core)
+    from . import comfy_bench, methods, photo_bench, report
     specs = list(methods.SPECS)
     if args.methods:
         keep = set(args.methods.split(",")) | {"ddim"}
@@ -121,14 +148,13 @@ def main(argv=None):
           + f" in {elapsed:.0f} s", file=sys.stderr)
 
 
-CHECKED = ("gnri", "gnri_nopred")  # methods whose "never worse than naive" is checked
+CHECKED = ("gnri", "gnri_pred")  # methods whose "never worse than naive" is checked
 
 
 def report_only(out, config):
-    from . import methods, report, variants
+    from . import methods, report
     with open(os.path.join(out, "results.json")) as f:
         data = json.load(f)
-    variants.register(env.core())
     records, meta = data["records"], data["meta"]
     plots = report.write_plots(records, methods.SPECS, out, config["budgets"])
     text = markdown(records, methods.SPECS, config, meta, plots, out)

@@ -1,6 +1,6 @@
 """How sensitive is regeneration to a tiny error in the inverted noise? (exact photo model)
 
-    python -m bench.sensitivity
+    python -m bench sensitivity
 
 Inverts each input to convergence (gnri, up to 30 calls/step, tolerance 1e-6), then
 regenerates from the inverted noise plus a random perturbation of relative size 1e-4,
@@ -61,6 +61,3 @@ def main():
     print("\n".join(lines))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
-
-if __name__ == "__main__":
-    main()

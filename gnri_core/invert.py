@@ -74,7 +74,8 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     (see :class:`SolverOptions`). ``callback`` gets a dict per step; ``check_interrupt``
     is called before every model call and may raise to stop.
     With ``noise_maps`` (generation order, see ``ancestral.py``) it inverts Euler-ancestral
-    sampling with those frozen maps and ``eta`` instead.
+    sampling with those frozen maps and ``eta`` instead (``eta`` is that noise amount; the
+    paper update's denominator floor is the option ``eta_floor``).
     """
     method, family = check_method(method), check_family(family)
     check_latent(x0, "x0")

@@ -4,7 +4,8 @@ Every solver is ``solve_x(problem, options) -> StepResult``, starts from
 z^0 = z_prev and spends one model call per iteration (K iterations cost exactly K
 model calls). Fixed-point, ReNoise and GNRI (paper) return f of their last/best
 evaluated iterate; Anderson returns its last mixed iterate (as AIDI does); GNRI
-(secant) returns its last Newton step only where the last iterate was accepted.
+(secant) returns its last Newton step only where a multisecant model produced it and the
+last iterate was accepted, else f of its best evaluated iterate.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .autograd import through_inference_tensors
 from .errors import InversionError, InversionInputError
-from .problem import StepProblem, batch_dot, batch_norm2, converged, per_sample, to_d
+from .problem import StepProblem, batch_dot, batch_norm2, converged, per_sample, rms, to_d
 from .result import CONVERGED, MAX_ITERS, SINGLE_STEP, StepResult
 
 GRADIENTS = ("detached", "autograd")
@@ -29,8 +30,12 @@ class SolverOptions:
 
     max_iters:        model calls per step (iterations).
     tol:              stop early once every relative residual is below this (0: never).
-    lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G.
-    eta:              GNRI floor eta on |dF/dz_j| in the Newton denominator.
+    lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G and, for the
+                      secant update, in its least squares
+                      ||r||^2 + lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu))
+                      (see solve_gnri_secant).
+    eta_floor:        GNRI (paper update) floor eta on |dF/dz_j| in the Newton denominator
+                      (not ``eta``: ``invert``'s ``eta`` is the ancestral noise amount).
     gradient:         GNRI dF/dz: "detached" (reference code, model output held
                       constant, dr/dz = I) or "autograd" (through the network).
     guidance:         G = ||z - mu|| ("euler") or ||z - mu|| / beta ("ddim").
@@ -41,18 +46,18 @@ class SolverOptions:
     window:           Anderson history length m.
     ridge:            Anderson least-squares regularisation (relative to the Gram trace).
     renoise_average:  ReNoise: how many of the last derivative estimates to average.
-    predictor:        GNRI secant, first iterate of a step: "euler" (default) the explicit
+    predictor:        GNRI secant, first iterate of a step: "euler" the explicit
                       Euler / native DDIM step z_prev + h (z_prev - D_p) / sigma, with D_p the
                       denoiser output at z_prev estimated by the previous step: its best
                       evaluated D(z_b) plus g (z_prev - z_b), g its measured gain capped at 1
                       (no extra model call; dropped when its residual exceeds its move);
-                      "none": z_prev.
+                      "none" (default: measured more robust, docs/benchmark.md): z_prev.
     """
 
     max_iters: int = 2
     tol: float = 1e-4
-    lam: float = 0.1
-    eta: float = 1e-3
+    lam: float = 1.0
+    eta_floor: float = 1e-3
     gradient: str = "detached"
     guidance: str = "euler"
     step_control: bool = True
@@ -60,14 +65,15 @@ class SolverOptions:
     window: int = 3
     ridge: float = 1e-6
     renoise_average: int = 3
-    predictor: str = "euler"
+    predictor: str = "none"
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
             raise InversionInputError(f"max_iters must be >= 1, got {self.max_iters}")
-        if self.tol < 0 or self.lam < 0 or self.eta < 0:
+        if self.tol < 0 or self.lam < 0 or self.eta_floor < 0:
             raise InversionInputError(
-                f"tol, lam and eta must be >= 0, got tol={self.tol}, lam={self.lam}, eta={self.eta}")
+                f"tol, lam and eta_floor must be >= 0, got tol={self.tol}, lam={self.lam}, "
+                f"eta_floor={self.eta_floor}")
         if self.gradient not in GRADIENTS:
             raise InversionInputError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         if self.guidance not in GUIDANCE_FORMS:
@@ -140,26 +146,58 @@ def solve_anderson(p: StepProblem, o: SolverOptions) -> StepResult:
     return _result(z, history, len(history), o.tol)
 
 
-def multisecant_step(zs: list, gs: list, ridge: float, valid=None) -> torch.Tensor:
+def multisecant_step(zs: list, gs: list, ridge: float, valid=None, pull=None) -> torch.Tensor:
     """Anderson type-II mixing = multisecant quasi-Newton step for g(z) = f(z) - z = 0.
 
-    With differences dG, dZ over the history: gamma = argmin ||g_k - dG gamma||
-    (ridge-regularised), z_{k+1} = z_k + g_k - (dZ + dG) gamma. Per batch element;
-    ``valid`` (B,) counts the usable latest history entries of each element (older
-    differences are ignored; with none left the step is z + g, the fixed-point step).
+    With differences dG, dZ over the history and M = dZ + dG, the step
+    z_{k+1} = z_k + g_k - M gamma takes the gamma that minimises
+
+        ||g_k - dG gamma||^2 + w ||z_{k+1} - mu||^2 + ridge * tr * ||gamma||^2,
+
+    the secant model of ||r(z_{k+1})||^2 plus, with ``pull = (mu, w)`` (w per sample),
+    the GNRI guidance toward the forward-process mean. The small normal equations are
+    solved in float64 by a rank-aware pseudo-inverse (eigenvalues below 1e-12 of the
+    largest dropped), so collinear or zero differences cannot raise; a sample whose step
+    is not finite takes the fixed-point step z + g. Per batch element; ``valid`` (B,)
+    counts the usable latest history entries of each element (older differences are
+    ignored; with none left the step is z + g, the fixed-point step).
     """
     z, g = zs[-1], gs[-1]
-    d_g = torch.stack([(b - a).flatten(1) for a, b in zip(gs, gs[1:])], dim=2)  # (B, N, m)
-    d_z = torch.stack([(b - a).flatten(1) for a, b in zip(zs, zs[1:])], dim=2)
+    fixed_point = z + g
+    if len(zs) < 2:
+        return fixed_point
+    d_g = torch.stack([(b - a).flatten(1) for a, b in zip(gs, gs[1:])], dim=2).double()  # (B, N, m)
+    d_z = torch.stack([(b - a).flatten(1) for a, b in zip(zs, zs[1:])], dim=2).double()
     if valid is not None:
         columns = torch.arange(d_g.shape[2], device=d_g.device)
         usable = (columns >= d_g.shape[2] - (valid - 1).clamp_min(0).view(-1, 1)).to(d_g.dtype)
         d_g, d_z = d_g * usable.unsqueeze(1), d_z * usable.unsqueeze(1)
-    gram = d_g.transpose(1, 2) @ d_g
-    scale = ridge * gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-30)
-    gram = gram + scale.view(-1, 1, 1) * torch.eye(gram.shape[1], device=gram.device)
-    gamma = torch.linalg.solve(gram, d_g.transpose(1, 2) @ g.flatten(1).unsqueeze(2))
-    return z + g - ((d_z + d_g) @ gamma).view_as(z)
+    move = d_z + d_g
+    lhs = d_g.transpose(1, 2) @ d_g
+    rhs = d_g.transpose(1, 2) @ g.flatten(1).double().unsqueeze(2)
+    if pull is not None:
+        mu, weight = pull
+        w = weight.double().view(-1, 1, 1)
+        lhs = lhs + w * (move.transpose(1, 2) @ move)
+        rhs = rhs + w * (move.transpose(1, 2) @ (fixed_point - mu).flatten(1).double().unsqueeze(2))
+    lhs = lhs + ridge * lhs.diagonal(dim1=1, dim2=2).sum(1).view(-1, 1, 1) * torch.eye(
+        lhs.shape[1], dtype=lhs.dtype, device=lhs.device)
+    gamma = _psd_solve(lhs, rhs)
+    step = fixed_point - (move @ gamma).view_as(z).to(z.dtype)
+    ok = torch.isfinite(step).flatten(1).all(1)
+    return torch.where(per_sample(ok, z), step, fixed_point)
+
+
+def _psd_solve(lhs: torch.Tensor, rhs: torch.Tensor, rcond: float = 1e-12) -> torch.Tensor:
+    """Minimum-norm solution of lhs x = rhs for symmetric PSD (B, m, m) lhs (pseudo-inverse);
+    non-finite systems give x = 0."""
+    finite = torch.isfinite(lhs).flatten(1).all(1) & torch.isfinite(rhs).flatten(1).all(1)
+    lhs = torch.where(per_sample(finite, lhs), lhs, torch.zeros_like(lhs))
+    rhs = torch.where(per_sample(finite, rhs), rhs, torch.zeros_like(rhs))
+    values, vectors = torch.linalg.eigh(lhs)
+    keep = values > rcond * values.abs().amax(1, keepdim=True).clamp_min(1e-300)
+    inverse = torch.where(keep, 1.0 / torch.where(keep, values, torch.ones_like(values)), torch.zeros_like(values))
+    return vectors @ (inverse.unsqueeze(2) * (vectors.transpose(1, 2) @ rhs))
 
 
 def solve_renoise(p: StepProblem, o: SolverOptions) -> StepResult:
@@ -185,6 +223,11 @@ def _guidance(p: StepProblem, o: SolverOptions):
     return mu, (1.0 / beta if o.guidance == "ddim" else 1.0)
 
 
+def _guided_objective(o: SolverOptions, z, r, mu, g_scale) -> torch.Tensor:
+    """The GNRI objective F = ||r||_1 + lambda * G(z) per sample."""
+    return r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z - mu)
+
+
 def _objective_and_gradient(p: StepProblem, o: SolverOptions, z, mu, g_scale):
     """F(z) = ||r(z)||_1 + lambda * G(z) per sample, dF/dz, r(z) and f(z)."""
     if o.gradient == "autograd":
@@ -192,7 +235,7 @@ def _objective_and_gradient(p: StepProblem, o: SolverOptions, z, mu, g_scale):
             z_var = z.detach().clone().requires_grad_(True)
             fz = p.fixed_point_map(z_var)
             r = z_var - fz
-            objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z_var - mu)
+            objective = _guided_objective(o, z_var, r, mu, g_scale)
             try:
                 (grad,) = torch.autograd.grad(objective.sum(), z_var)
             except RuntimeError as exc:  # e.g. a model implementation with in-place ops
@@ -204,9 +247,8 @@ def _objective_and_gradient(p: StepProblem, o: SolverOptions, z, mu, g_scale):
     fz = p.fixed_point_map(z)
     r = z - fz
     offset = z - mu
-    distance = batch_norm2(offset)
-    objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * distance
-    grad = torch.sign(r) + o.lam * g_scale * offset / per_sample(distance.clamp_min(1e-12), z)
+    objective = _guided_objective(o, z, r, mu, g_scale)
+    grad = torch.sign(r) + o.lam * g_scale * offset / per_sample(batch_norm2(offset).clamp_min(1e-12), z)
     return objective, grad, r, fz
 
 
@@ -219,86 +261,116 @@ NONMONOTONE = 10.0  # GNRI secant keeps iterating from iterates with F < 10 * F_
 GUIDE_RADIUS = 3.0  # ... and trusts an unevaluated step within 3 sqrt(beta D) of mu
 
 
+class BestSoFar:
+    """Per sample, the evaluated iterate with the lowest objective F, its f(z), relative
+    residual and any extra tensors (the solvers' shared "keep the best iterate")."""
+
+    def __init__(self, z_prev: torch.Tensor):
+        batch = z_prev.shape[0]
+        self.objective = torch.full((batch,), float("inf"), device=z_prev.device)
+        self.relative = self.objective.clone()
+        self.z = self.fz = z_prev
+        self.extra: dict = {}
+
+    def update(self, objective, relative, z, fz, allowed=None, **extra) -> torch.Tensor:
+        """Keeps (z, fz, extra) where ``objective`` improves (and ``allowed``); returns that mask."""
+        improved = objective < self.objective
+        if allowed is not None:
+            improved = improved & allowed
+        keep = per_sample(improved, z)
+        self.objective = torch.where(improved, objective, self.objective)
+        self.relative = torch.where(improved, relative, self.relative)
+        self.z, self.fz = torch.where(keep, z, self.z), torch.where(keep, fz, self.fz)
+        for key, value in extra.items():
+            self.extra[key] = torch.where(keep, value, self.extra[key]) if key in self.extra else value
+        return improved
+
+
 def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
-    """GNRI with a secant Jacobian: Newton-Raphson z <- z - J^-1 r(z) on the residual,
+    """GNRI with a secant Jacobian (the default). K iterations = K model calls:
 
-        J = dr/dz = (sigma/sigma') I + (h/sigma') dD/dz,
-
-    with J modelled as a * I, the scalar slope a predicted from the previous step's
-    measured denoiser gain (Gaussian-data model, ``denoiser_gain``); once two iterates
-    exist J comes from the multisecant (Anderson type-II) estimate. The slope carried to
-    the next step is the secant |dr|^2 / <dr, dz> (Barzilai-Borwein's second form): it
-    weights the directions where r changes most, the content directions (dD/dz near its
-    maximum) whose errors the reconstruction keeps, so the next Newton step overshoots
-    them less than the mean slope <dr, dz> / |dz|^2 would. Guidance
-    F = ||r||_1 + lambda * G(z) ranks the iterates per sample: an iterate whose F exceeds
-    ``NONMONOTONE`` times the best is rejected and its sample restarts from the best
-    iterate with the fixed-point step, halved for every rejection in a row (a non-monotone
-    safeguard: hard steps may need to climb before they converge). Returns the last Newton
-    step where the last iterate was accepted and the step stays in distribution
-    (||z - mu|| <= 3 sqrt(beta D), the forward process q(z' | z_prev) = N(mu, beta) rarely
-    goes further), else f(z_best).
+    1. Start from the explicit Euler (native DDIM) step z_prev + h (z_prev - D_p) / sigma,
+       D_p = D(z_prev, sigma) estimated by the previous step (no call; first step or
+       ``predictor="none"``: z_prev). [Euler/DDIM predictor, as in predictor-corrector ODE
+       solvers.]
+    2. Evaluate r(z) = z - f(z) (one call) and the GNRI objective F = ||r||_1 + lambda G(z),
+       G = ||z - mu|| (/ beta). [Samuel et al., GNRI.] Keep the best evaluated iterate.
+    3. Safeguard: the predictor is rejected where its residual exceeds its move; an iterate
+       with F > ``NONMONOTONE`` F_best is rejected and its sample restarts from the best
+       iterate with the fixed-point step, halved per rejection in a row. [Non-monotone line
+       search, Grippo-Lampariello-Lucidi 1986; fixed-point step of Meiri et al./AIDI.]
+    4. Newton step z - J^-1 r with J = dr/dz = (sigma/sigma') I + (h/sigma') dD/dz:
+       first J = a I with a from the previous step's slope (Gaussian-data denoiser gain
+       model, ``denoiser_gain``); once two iterates exist, the multisecant (Anderson
+       type-II) step (``multisecant_step``). Both minimise the linear model of ||r||^2 plus
+       the guidance term lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu)), a pull
+       toward the forward-process mean that fades as the residual r_k vanishes (the root
+       stays exact) and never outweighs the residual (ms: mean square).
+       [Newton-Raphson; Anderson 1965 / Fang-Saad multisecant; GNRI guidance.] The slope carried to the next step is |dr|^2 / <dr, dz>
+       [Barzilai-Borwein, second form], bounded by ``slope_bounds``.
+    5. Return the last Newton step where it came from the multisecant model (two evaluated
+       iterates), the last iterate was accepted and the step lies within ``GUIDE_RADIUS``
+       sqrt(beta D) of mu (where q(z' | z_prev) = N(mu, beta) has its mass), else f(z_best)
+       [the reference code's "best iterate"]. So one iteration is the fixed-point step from
+       the evaluated start: with ``predictor="none"`` exactly naive DDIM inversion.
     """
     mu, g_scale = _guidance(p, o)
+    _, beta = p.guidance_mean_var()
     low, high = p.slope_bounds()
     variance = p.carry.get("data_variance")
     if variance is None:  # first step: the latent's own second moment
         variance = p.z_prev.flatten(1).pow(2).mean(1)
     slope = p.slope(p.denoiser_gain(variance)).clamp(low, high)
     batch, device = p.z_prev.shape[0], p.z_prev.device
-    best_f = torch.full((batch,), float("inf"), device=device)
-    best_rel, best_z, best_fz = best_f.clone(), p.z_prev, p.z_prev
+    best = BestSoFar(p.z_prev)
     damping = torch.ones(batch, device=device)  # restart step length, halved per rejection in a row
     valid = torch.zeros(batch, dtype=torch.long, device=device)
-    accepted = improved = torch.ones(batch, dtype=torch.bool, device=device)
     z, zs, gs, history = p.z_prev, [], [], []
     last = p.carry.get("last_eval")  # D(z_prev, sigma), estimated by the previous step
     predicted = (o.predictor == "euler" and last is not None
                  and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
-    if predicted:  # explicit Euler (native DDIM) step, D taken from the previous step
+    if predicted:  # step 1
         z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
-    best_d = None
     for _ in range(o.max_iters):
-        denoised = p.denoised(z)
+        denoised = p.denoised(z)  # step 2
         fz = p.fixed_point_map(z, denoised)
         r = z - fz
-        objective = r.abs().flatten(1).sum(1) + o.lam * g_scale * batch_norm2(z - mu)
+        objective = _guided_objective(o, z, r, mu, g_scale)
+        relative = p.relative(r)
         reject = torch.zeros(batch, dtype=torch.bool, device=device)
-        if predicted:  # it moved z_prev by about r(z_prev): a larger residual made things worse
+        if predicted:  # step 3: it moved z_prev by about r(z_prev); a larger residual made things worse
             predicted = False
             if o.max_iters > 1:
                 reject = batch_norm2(r) > batch_norm2(z - p.z_prev)
-        improved = (objective < best_f) & ~reject
-        accepted = (objective < best_f * NONMONOTONE) & ~reject
-        best_f = torch.where(improved, objective, best_f)
-        best_rel = torch.where(improved, p.relative(r), best_rel)
-        best_z = torch.where(per_sample(improved, z), z, best_z)
-        best_fz = torch.where(per_sample(improved, z), fz, best_fz)
-        best_d = denoised if best_d is None else torch.where(per_sample(improved, z), denoised, best_d)
-        history.append(float(torch.where(reject, p.relative(r), best_rel).max()))
-        if converged(best_rel, o.tol):
+        accepted = (objective < best.objective * NONMONOTONE) & ~reject
+        improved = best.update(objective, relative, z, fz, allowed=~reject, denoised=denoised)
+        history.append(float(torch.where(reject, relative, best.relative).max()))
+        if converged(best.relative, o.tol):
             accepted = torch.zeros_like(accepted)
             break
-        zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]
+        zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]  # step 4
         valid = (valid + 1).clamp_max(len(zs))
-        single = z - r / per_sample(slope, z)  # Newton with the scalar slope
-        newton = multisecant_step(zs, gs, o.ridge, valid) if len(zs) > 1 else single
+        # guidance weight: fades as r -> 0 (the root stays exact) and never outweighs ||r||^2
+        pull = (mu, o.lam * rms(r).pow(2) / rms(z - mu).pow(2).clamp_min(max(beta, 1e-12)))
+        single = z - (per_sample(slope, z) * r + per_sample(pull[1], z) * (z - mu)) / per_sample(
+            slope ** 2 + pull[1], z)  # Newton with the scalar slope, guided
+        newton = multisecant_step(zs, gs, o.ridge, valid, pull)
         newton = torch.where(per_sample(valid > 1, z), newton, single)
         if len(zs) > 1:  # the secant slope along the last step, for the next sigma's prior
             d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
             secant = (batch_dot(d_r, d_r) / batch_dot(d_r, d_z).clamp_min(1e-30)).clamp(low, high)
             slope = torch.where(valid > 1, secant, slope)
-        restart = best_z + per_sample(damping, z) * (best_fz - best_z)  # a rejected predictor: z_prev
+        restart = best.z + per_sample(damping, z) * (best.fz - best.z)  # a rejected predictor: z_prev
         z = torch.where(per_sample(accepted, z), newton, restart)
         damping = torch.where(improved, 1.0, torch.where(accepted, damping, 0.5 * damping))
         valid = torch.where(accepted, valid, 0)
         slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
-    _, beta = p.guidance_mean_var()
     plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
-    z = torch.where(per_sample(accepted & plausible, z), z, best_fz)
+    trusted = accepted & plausible & (valid > 1)  # step 5: a secant model, measured along a real step
+    z = torch.where(per_sample(trusted, z), z, best.fz)
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
-    denoised_at_z = best_d + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best_z)
+    denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)
     p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}
     return _result(z, history, len(history), o.tol)
 
@@ -312,39 +384,30 @@ def solve_gnri_paper(p: StepProblem, o: SolverOptions) -> StepResult:
 
         z_j <- z_j - (1/D) * F(z) / (dF/dz_j + eta),
 
-    where eta keeps the sign of dF/dz_j (a floor on the denominator). Returns
-    f(z_best), z_best the iterate with the lowest F (as the reference code does).
+    where eta (``eta_floor``) keeps the sign of dF/dz_j (a floor on the denominator).
+    Returns f(z_best), z_best the iterate with the lowest F (as the reference code does).
     With step control the step restarts from the best iterate and halves whenever
     F did not decrease.
     """
     mu, g_scale = _guidance(p, o)
     dim = p.z_prev[0].numel()
-    batch = p.z_prev.shape[0]
-    best_f = torch.full((batch,), float("inf"), device=p.z_prev.device)
-    best_z, best_fz, best_grad = p.z_prev, p.z_prev, torch.ones_like(p.z_prev)
-    best_rel = torch.full((batch,), float("inf"), device=p.z_prev.device)
-    step_scale = torch.ones(batch, device=p.z_prev.device)
+    best = BestSoFar(p.z_prev)
+    step_scale = torch.ones(p.z_prev.shape[0], device=p.z_prev.device)
     z, history = p.z_prev, []
     for _ in range(o.max_iters):
         objective, grad, r, fz = _objective_and_gradient(p, o, z, mu, g_scale)
-        relative = p.relative(r)
-        improved = objective < best_f
-        keep = per_sample(improved, z)
-        best_f = torch.where(improved, objective, best_f)
-        best_rel = torch.where(improved, relative, best_rel)
-        best_z, best_fz = torch.where(keep, z, best_z), torch.where(keep, fz, best_fz)
-        best_grad = torch.where(keep, grad, best_grad)
-        history.append(float(best_rel.max()))
-        if converged(best_rel, o.tol):
+        improved = best.update(objective, p.relative(r), z, fz, grad=grad)
+        history.append(float(best.relative.max()))
+        if converged(best.relative, o.tol):
             break
         if o.step_control:
             step_scale = torch.where(improved, step_scale, 0.5 * step_scale)
-            z0, f0, g0 = best_z, best_f, best_grad
+            z0, f0, g0 = best.z, best.objective, best.extra["grad"]
         else:
             z0, f0, g0 = z, objective, grad
-        denominator = g0 + o.eta * torch.where(g0 >= 0, 1.0, -1.0)
+        denominator = g0 + o.eta_floor * torch.where(g0 >= 0, 1.0, -1.0)
         z = z0 - per_sample(step_scale * f0 / dim, z0) / denominator
-    result = _result(best_fz, history, len(history), o.tol)
+    result = _result(best.fz, history, len(history), o.tol)
     return replace(result, backward_passes=len(history) if o.gradient == "autograd" else 0)
 
 

@@ -49,7 +49,7 @@ def test_bench_smoke(tmp_path):
 
 
 def test_regeneration_sensitivity_generated_vs_heldout_photo():
-    """``python -m bench.sensitivity``'s finding: a 1e-3 error in the converged noise costs
+    """``python -m bench sensitivity``'s finding: a 1e-3 error in the converged noise costs
     a generated image ~50 dB smoothly (it stays above 60 dB), while a held-out photo (between
     the mixture's modes) can drop to below 30 dB."""
     from bench import env, photo_bench, sensitivity
@@ -83,3 +83,23 @@ def test_bench_gpu_needs_cuda():
     proc = run_bench("--gpu", timeout=120)
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr
+
+
+def test_tails_measures_generated_images_per_image():
+    """``python -m bench tails`` on one small case: per-image PSNR and noise error for every
+    generated image, the default's budget, and iterations = 1 equal to naive inversion."""
+    import torch
+    from bench import env, tails
+    from bench.photo_model import PhotoMixture
+    core = env.core()
+    model = PhotoMixture("eps", size=32, isotropic=0.3)
+    sigmas = tails.schedule("eps", 4)
+    batches = tails.generate(core, model, sigmas, 4, ancestral=False)
+    with torch.no_grad():
+        ddim = tails.measure(core, model, sigmas, batches, tails.Config("ddim", "ddim"))
+        one = tails.measure(core, model, sigmas, batches, tails.Config("x1", "gnri", {"max_iters": 1}))
+        default = tails.measure(core, model, sigmas, batches, tails.Config("default", "gnri"))
+    assert len(ddim["psnr"]) == len(default["psnr"]) == 4
+    assert one["psnr"] == ddim["psnr"]  # one evaluated candidate: the fixed-point step from z_prev
+    assert default["calls_per_step"] <= core.DEFAULTS["gnri"].max_iters
+    assert all(d > n - 1.0 for d, n in zip(default["psnr"], ddim["psnr"]))

@@ -1,0 +1,232 @@
+"""Tails: per-image distributions over many images the exact photo model generated.
+
+    python -m bench tails            # >= 100 images per model x family x schedule, writes bench/results/tails/
+    python -m bench tails --quick    # 16 images per case (< 2 min), prints the tables
+
+Two exact models (``photo_model.PhotoMixture``): the DCT-covariance mixture ("dct") and
+the tight isotropic one (components of std 0.3, "iso"); EPS on 4- and 10-step Karras
+schedules (SD1.5's sigma range), flow on 4 and 10 uniform steps. Every image was
+generated from known noise by the deterministic Euler sampler (``reconstruct``), in
+batches of 4 as the nodes see them, so an exact inverse exists. Ancestral inversion
+(Euler-a, eta 1, frozen noise maps) is measured on its own generated images.
+
+Per method and budget: model calls per step, min / 10th percentile / median
+reconstruction PSNR, median relative error of the inverted noise, the number of images
+more than 1 dB below ``ddim`` on the same image, and (lambda table) the inverted noise's
+statistics: std, excess kurtosis, lag-1 spatial autocorrelation (Gaussian noise: 1, 0, 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import metrics
+from .methods import BY_KEY
+from .photo_model import PhotoMixture
+
+MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
+SCHEDULES = (("eps", 4), ("eps", 10), ("flow", 4), ("flow", 10))
+BATCH = 4
+FULL = dict(images=100, ancestral_images=40, lams=(0.0, 10.0),
+            runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("fixed_point", 3)))
+QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
+SLACK_DB = 1.0  # "worse than ddim" means more than this below it
+
+
+@dataclass(frozen=True)
+class Config:
+    """One row: a core method with options (``default``: the core's DEFAULTS, early stop included)."""
+    key: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+
+def configs(core, mode: dict) -> list:
+    """ddim, the default (early stop included), ``runs`` (spec key, budget) at tol 0, the
+    default at 1 iteration, and the default at other lambdas (its own lambda: the default row)."""
+    out = [Config("ddim", "ddim"), Config("gnri default", "gnri")]
+    for key, budget in mode["runs"]:
+        spec = BY_KEY[key]
+        out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0)))
+    out.append(Config("gnri default ×1", "gnri", {"max_iters": 1}))
+    out += [Config(f"gnri default, lam {lam:g}", "gnri", {"lam": lam}) for lam in mode["lams"]]
+    return out
+
+
+def schedule(family: str, steps: int) -> torch.Tensor:
+    """Descending sigmas: Karras (rho 7) over SD1.5's range for EPS, uniform for flow; ends at 0."""
+    if family == "flow":
+        return torch.linspace(1.0, 0.0, steps + 1)
+    from comfy.k_diffusion.sampling import get_sigmas_karras
+    return get_sigmas_karras(steps, 0.0292, 14.6146).float()
+
+
+def generate(core, model, sigmas, images: int, ancestral: bool, seed: int = 0):
+    """Batches of (x0, noise, noise maps or None) the model generated from known noise."""
+    out = []
+    for b in range(0, images, BATCH):
+        noise = model.initial_noise(float(sigmas[0]), BATCH, seed=seed + b + 1)
+        maps = (core.ancestral.seeded_noise_maps(noise, sigmas, model.family, seed + b) if ancestral else None)
+        x0 = core.reconstruct(model, noise, sigmas, noise_maps=maps, family=model.family)
+        out.append((x0, noise, maps))
+    return out
+
+
+def measure(core, model, sigmas, batches, config: Config) -> dict:
+    """Per-image PSNR, noise error and noise statistics, and calls per step, of one config."""
+    psnr, noise_err, stats, nfe = [], [], [], 0
+    for x0, noise, maps in batches:
+        try:
+            result = core.invert(model, x0, sigmas.flip(0), method=config.method, family=model.family,
+                                 noise_maps=maps, **config.options)
+        except Exception as exc:  # a crash is a finding: record it, keep going
+            return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        nfe += result.nfe
+        rec = core.reconstruct(model, result.noise, sigmas, noise_maps=maps, family=model.family)
+        for i in range(x0.shape[0]):
+            psnr.append(metrics.psnr(rec[i:i + 1], x0[i:i + 1], 2.0, clamp=(-1, 1)))
+            noise_err.append(metrics.relative_error(result.noise[i:i + 1], noise[i:i + 1]))
+            eps = result.noise[i:i + 1] / (float(sigmas[0]) if model.family == "eps" else 1.0)
+            stats.append(metrics.noise_stats(eps))
+    steps = len(sigmas) - 1
+    return {"psnr": psnr, "noise_err": noise_err, "calls_per_step": nfe / (len(psnr) * steps / BATCH),
+            **{k: [s[k] for s in stats] for k in ("std", "kurtosis", "autocorr")}}
+
+
+def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
+    """One record per (model, family, steps, ancestral, config)."""
+    records = []
+    rows = configs(core, config_mode)
+    for name in models:
+        kwargs = MODELS[name]
+        for family, steps in SCHEDULES:
+            model = PhotoMixture(family, size=32, **kwargs)
+            sigmas = schedule(family, steps)
+            for ancestral in (False, True):
+                images = config_mode["ancestral_images" if ancestral else "images"]
+                batches = generate(core, model, sigmas, images, ancestral)
+                for config in rows:
+                    if ancestral and ("lam" in config.key or "pred" in config.key):
+                        continue  # lambda: deterministic table only; the predictor is off on ancestral steps
+                    if progress is not None:
+                        progress(f"{name} {family} {steps} {'ancestral ' if ancestral else ''}{config.key}")
+                    record = {"model": name, "family": family, "steps": steps, "ancestral": ancestral,
+                              "config": config.key}
+                    record.update(measure(core, model, sigmas, batches, config))
+                    records.append(record)
+    return records
+
+
+def _below_ddim(records) -> dict:
+    """config -> images more than SLACK_DB below ddim on the same image, per record list."""
+    ddim = {(r["model"], r["family"], r["steps"], r["ancestral"]): r["psnr"] for r in records
+            if r["config"] == "ddim"}
+    out = {}
+    for r in records:
+        if "psnr" not in r:
+            continue
+        base = ddim[(r["model"], r["family"], r["steps"], r["ancestral"])]
+        out[id(r)] = sum(1 for a, b in zip(r["psnr"], base) if a < b - SLACK_DB)
+    return out
+
+
+def summary(records, where, title: str, extra_stats: bool = False) -> str:
+    """Per config over the records selected by ``where``: the distribution table."""
+    below = _below_ddim(records)
+    picked = [r for r in records if where(r)]
+    order = list(dict.fromkeys(r["config"] for r in picked))
+    head = "| method | calls/step | min | p10 | median | median noise err | > 1 dB below ddim | crashes |"
+    if extra_stats:
+        head += " noise std | kurtosis | autocorr |"
+    lines = [f"**{title}**", "", head, "|---" * (head.count("|") - 1) + "|"]
+    for key in order:
+        rows = [r for r in picked if r["config"] == key]
+        ok = [r for r in rows if "psnr" in r]
+        crashes = len(rows) - len(ok)
+        if not ok:
+            lines.append(f"| {key} | — | — | — | — | — | — | {crashes} |" + (" — | — | — |" if extra_stats else ""))
+            continue
+        psnr = np.concatenate([r["psnr"] for r in ok])
+        err = np.concatenate([r["noise_err"] for r in ok])
+        calls = np.mean([r["calls_per_step"] for r in ok])
+        n_below = sum(below[id(r)] for r in ok)
+        cells = [f"{calls:.2f}", f"{psnr.min():.1f}", f"{np.percentile(psnr, 10):.1f}", f"{np.median(psnr):.1f}",
+                 f"{np.median(err):.1e}", f"{n_below} / {len(psnr)}", str(crashes)]
+        if extra_stats:
+            cells += [f"{np.median(np.concatenate([r[k] for r in ok])):.3f}" for k in ("std", "kurtosis", "autocorr")]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(records, meta) -> str:
+    models = [m for m in MODELS if any(r["model"] == m for r in records)]
+    main = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" not in k]
+    parts = [f"# Tails: per-image distributions ({meta['mode']})", "",
+             f"`{meta['command']}` — {meta['seconds']:.0f} s (summed over processes), {meta['images']} generated images per model × "
+             f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {BATCH}.", ""]
+    for name in models:
+        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and r["config"] in main,
+                          f"{name} mixture, deterministic (Euler) inversion, all 4 schedules"), ""]
+    for name in models:
+        parts += [summary(records, lambda r, n=name: r["model"] == n and r["ancestral"],
+                          f"{name} mixture, ancestral inversion (eta 1, frozen noise maps)"), ""]
+    lam = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" in k]
+    for name in models:
+        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"]
+                          and r["config"] in ["ddim", "gnri default"] + lam,
+                          f"lambda: {name} mixture, deterministic (gnri default: lam "
+                          f"{meta['default_lam']:g})", extra_stats=True), ""]
+    parts += ["Default, per case (deterministic; min / p10 / median PSNR, images > 1 dB below ddim):", ""]
+    below = _below_ddim(records)
+    parts += ["| model | family | steps | calls/step | min | p10 | median | below ddim |", "|---" * 8 + "|"]
+    for r in records:
+        if r["config"] == "gnri default" and "psnr" in r:
+            p = np.array(r["psnr"])
+            parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{' anc' if r['ancestral'] else ''} | "
+                         f"{r['calls_per_step']:.2f} | {p.min():.1f} | {np.percentile(p, 10):.1f} | "
+                         f"{np.median(p):.1f} | {below[id(r)]} / {len(p)} |")
+    return "\n".join(parts) + "\n"
+
+
+def main(args, results_dir: str) -> int:
+    """Runs the models named by ``--models`` (default all) into ``results_<models>.json``,
+    then rewrites results.md from every ``results_*.json`` of the folder (``--report-only``:
+    only that; so the two models can run as two processes and be merged)."""
+    from . import env
+    from .run import _round
+    mode = "quick" if args.quick else "full"
+    config_mode = QUICK if args.quick else FULL
+    out = args.out or os.path.join(results_dir, "tails" if mode == "full" else "tails_quick")
+    os.makedirs(out, exist_ok=True)
+    if not args.report_only:
+        core = env.core()
+        models = tuple(args.models.split(",")) if args.models else tuple(MODELS)
+        t0 = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad():
+            records = run(core, config_mode, models,
+                          progress=lambda s: print(f"\r{s:<70}", end="", file=sys.stderr))
+        print(file=sys.stderr)
+        meta = {"mode": mode, "seconds": time.perf_counter() - t0,
+                "command": "python -m bench tails" + (" --quick" if args.quick else ""),
+                "default_lam": core.DEFAULTS["gnri"].lam, **config_mode}
+        with open(os.path.join(out, f"results_{'_'.join(models)}.json"), "w") as f:
+            json.dump({"meta": meta, "records": _round(records)}, f, default=str)
+    records, meta = [], None
+    for name in sorted(os.listdir(out)):
+        if name.startswith("results_") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                data = json.load(f)
+            records += data["records"]
+            seconds = (meta or {}).get("seconds", 0.0)
+            meta = dict(data["meta"], seconds=seconds + data["meta"]["seconds"])
+    text = markdown(records, meta)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
