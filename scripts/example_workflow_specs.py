@@ -1,6 +1,12 @@
 """The example workflows, compactly: see ``workflows.py`` (which writes them)."""
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from gnri_core import DEFAULTS  # noqa: E402  (the workflows show the core's defaults)
+
 
 SMALL = {"VAEDecode", "VAEEncode", "ImageBatch", "MaskToImage", "FlipSigmas", "KSamplerSelect",
          "BasicGuider"}
@@ -21,8 +27,9 @@ def note(id_, pos, text, title="Read me", size=(420, 260)):
 SOURCE = "a photo of a cat sitting on a wooden table next to a window, soft daylight"
 TARGET = "a photo of a dog sitting on a wooden table next to a window, soft daylight"
 
-GNRI_DEFAULTS = {"cfg": 1.0, "method": "gnri", "iterations": 3, "tolerance": 1e-4, "lam": 0.1,
-                 "sampler": "euler", "newton_form": "secant", "noise_seed": 0}
+_SOLVER = DEFAULTS["gnri"]  # the workflows show the core's defaults
+GNRI_DEFAULTS = {"cfg": 1.0, "method": "gnri", "iterations": _SOLVER.max_iters, "tolerance": _SOLVER.tol,
+                 "lam": _SOLVER.lam, "sampler": "euler", "newton_form": _SOLVER.update, "noise_seed": 0}
 
 
 # Columns (x) and sizes chosen so that no nodes overlap (titles included) and every graph

@@ -33,6 +33,12 @@ CARDS = {
     "gnri_reconstruction_check": (
         "Reconstruction check", "GNRI vs ComfyUI's native inversion",
         ["Your photo", "Native inversion | GNRI Invert", "Regenerate both", "input | native | GNRI"]),
+    "gnri_interpolate": (
+        "Interpolate two photos", "SD1.5 · exact inversion of both",
+        ["Photo A | Photo B", "GNRI Invert (both)", "GNRI Interpolate", "Frames A → B"]),
+    "gnri_concept_noise": (
+        "Rare concept from examples", "SD1.5 · seeds near inverted examples",
+        ["Example photos", "GNRI Invert", "GNRI Concept Noise", "New samples"]),
 }
 
 
