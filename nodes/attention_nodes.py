@@ -337,7 +337,7 @@ class AttentionMaskBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="AttentionMaskBlend",
+            node_id="GNRIAttentionMaskBlend",
             display_name="Attention Mask Blend",
             category=CATEGORY,
             description=("Where the edit should happen, from the model's own attention to the tokens the "

@@ -105,7 +105,7 @@ class PromptSwapEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="PromptSwapEdit",
+            node_id="GNRIPromptSwapEdit",
             display_name="Prompt Swap Edit",
             category=CATEGORY,
             description=("Regenerates an inverted image with a target prompt, so that only what the "

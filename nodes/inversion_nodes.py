@@ -8,7 +8,7 @@ from ..gnri_core import DEFAULTS, METHODS, InversionInputError
 from .comfy_glue import (InvertedNoise, batch_notes, check_finite, empty_latent_note, guided_nr_sampler,
                          invert_latent, notes_text, schedule)
 
-INVERSION = io.Custom("INVERSION")
+INVERSION = io.Custom("GNRI_INVERSION")
 CATEGORY = "sampling/inversion"
 
 METHOD_TOOLTIP = ("gnri: guided Newton-Raphson (default, most exact for its cost); ddim: naive, 1 model "

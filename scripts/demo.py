@@ -74,7 +74,7 @@ def edit_prompt(family: str, source: str, target: str, seed: int = 0, native: bo
             "model": model, "positive": ["src", 0], "latent": ["encode", 0], "steps": s["steps"],
             "scheduler": s["scheduler"], "cfg": 1.0, "method": "gnri", "iterations": 3, "tolerance": 1e-4,
             "lam": 0.1, "sampler": "euler", "newton_form": "secant", "noise_seed": 0}},
-        "attn": {"class_type": "AttentionMaskBlend", "inputs": {
+        "attn": {"class_type": "GNRIAttentionMaskBlend", "inputs": {
             "model": model, "clip": clip, "inversion": ["invert", 3], "source_prompt": source,
             "target_prompt": target, "threshold": s["threshold"], "blur": 0.0, "dilate": 0, "step": -1}},
         "mask_image": {"class_type": "MaskToImage", "inputs": {"mask": ["attn", 0]}},
@@ -85,7 +85,7 @@ def edit_prompt(family: str, source: str, target: str, seed: int = 0, native: bo
     def swap(cond, strength, mask):
         inputs = {"model": model, "inversion": ["invert", 3], "source": ["src", 0], "target": [cond, 0],
                   "strength": strength, "edit_cfg": s["edit_cfg"], "negative_mode": "source", "start_step": 0}
-        return {"class_type": "PromptSwapEdit", "inputs": dict(inputs, mask=mask) if mask else inputs}
+        return {"class_type": "GNRIPromptSwapEdit", "inputs": dict(inputs, mask=mask) if mask else inputs}
 
     branches = {"gnri_edit": swap("tgt", 1.0, ["attn", 0]), "gnri_recon": swap("src", 0.0, None)}
     if native:

@@ -70,7 +70,7 @@ def edit(model, vae, edit_cfg=1.0, mask=None):
     if mask is not None:
         links["mask"] = mask
     return [
-        node(30, "PromptSwapEdit", [COL_D, 350],
+        node(30, "GNRIPromptSwapEdit", [COL_D, 350],
              {"strength": 1.0, "edit_cfg": edit_cfg, "negative_mode": "source", "start_step": 0,
               "blend_cfg": 0.0}, links, size=(270, 260)),
         node(31, "VAEDecode", [COL_E, 350], links={"samples": (30, 0), "vae": vae}, size=(200, 50)),
@@ -82,7 +82,7 @@ def edit(model, vae, edit_cfg=1.0, mask=None):
 def attention_mask(model, clip):
     """AttentionMaskBlend -> mask preview (ids 40-42)."""
     return [
-        node(40, "AttentionMaskBlend", [COL_C, 570],
+        node(40, "GNRIAttentionMaskBlend", [COL_C, 570],
              {"source_prompt": SOURCE, "target_prompt": TARGET},
              {"model": model, "clip": clip, "inversion": (20, 3), "source": (12, 0), "target": (13, 0)},
              size=(300, 400)),

@@ -240,7 +240,7 @@ def blend_node(**extra) -> dict:
               "source_prompt": SOURCE, "target_prompt": TARGET, "threshold": 0.6, "blur": 1.0,
               "dilate": 1, "step": -1}
     inputs.update(extra)
-    return {"class_type": "AttentionMaskBlend", "inputs": inputs}
+    return {"class_type": "GNRIAttentionMaskBlend", "inputs": inputs}
 
 
 def blend_prompt(family: str, batch: int = 1, **extra) -> dict:

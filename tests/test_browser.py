@@ -264,7 +264,7 @@ def report_prompt() -> dict:
         "4": node("GNRIInvert", model=["1", 0], positive=["3", 0], latent=["2", 0], steps=3, scheduler="simple",
                   cfg=1.0, method="gnri", iterations=2, tolerance=0.0, lam=0.1, sampler="euler",
                   newton_form="secant", noise_seed=0),
-        "5": node("AttentionMaskBlend", model=["1", 0], clip=["1", 1], inversion=["4", 3], source_prompt=text,
+        "5": node("GNRIAttentionMaskBlend", model=["1", 0], clip=["1", 1], inversion=["4", 3], source_prompt=text,
                   target_prompt=text, threshold=0.6, blur=1.0, dilate=1, step=-1),
         "6": node("MaskToImage", mask=["5", 0]),
         "7": node("PreviewImage", images=["6", 0]),

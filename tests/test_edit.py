@@ -18,7 +18,7 @@ def edit_node(**extra) -> dict:
               "target": ["target", 0], "strength": 1.0, "edit_cfg": 1.0, "negative_mode": "source",
               "start_step": 0}
     inputs.update(extra)
-    return {"class_type": "PromptSwapEdit", "inputs": inputs}
+    return {"class_type": "GNRIPromptSwapEdit", "inputs": inputs}
 
 
 def stats_node(a="latent", b="edit") -> dict:

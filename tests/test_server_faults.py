@@ -61,7 +61,7 @@ def edit(**extra) -> dict:
     inputs = dict(model=["model", 0], inversion=["invert", 3], source=["positive", 0], target=["target", 0],
                   strength=1.0, edit_cfg=1.0, negative_mode="source", start_step=0)
     inputs.update(extra)
-    return {"class_type": "PromptSwapEdit", "inputs": inputs}
+    return {"class_type": "GNRIPromptSwapEdit", "inputs": inputs}
 
 
 def stats(a: str = "latent", b: str = "edit") -> dict:
@@ -231,7 +231,7 @@ def _other_weights_prompt(server):
 
 def _other_weights_mask_prompt(server):
     prompt = _other_weights_prompt(server)
-    info = server.object_info()["AttentionMaskBlend"]
+    info = server.object_info()["GNRIAttentionMaskBlend"]
     prompt["attn"] = attention_node(info)
     prompt["attn"]["inputs"]["model"] = ["other_model", 0]
     prompt["attn_image"] = tiny("MaskToImage", mask=["attn", 0])
@@ -455,12 +455,12 @@ def attention_node(info: dict) -> dict:
             inputs[name] = options["default"]
         else:
             raise AssertionError(f"AttentionMaskBlend input {name!r} ({spec[0]}) has no default to use here")
-    return tiny("AttentionMaskBlend", **inputs)
+    return tiny("GNRIAttentionMaskBlend", **inputs)
 
 
 def test_fifty_inversion_edit_prompts_no_memory_growth_no_leaked_patches(comfy_server):
     info = comfy_server.object_info()
-    attention = info.get("AttentionMaskBlend")
+    attention = info.get("GNRIAttentionMaskBlend")
 
     before = comfy_server.run(plain_ksampler_prompt("before"))
     reference = fetch_latent(comfy_server, before, "p_save")
@@ -481,7 +481,7 @@ def test_fifty_inversion_edit_prompts_no_memory_growth_no_leaked_patches(comfy_s
     print(f"\n50 inversion+edit prompts in {loop_s:.1f} s; RSS after warm-up {rss_warm / 2**20:.1f} MiB, "
           f"after 50 prompts {rss_end / 2**20:.1f} MiB (growth {growth_mb:+.1f} MiB; "
           f"every 10: {[round(s / 2**20, 1) for s in samples]}); attention node: "
-          f"{'AttentionMaskBlend' if attention else 'not in this pack version'}")
+          f"{'GNRIAttentionMaskBlend' if attention else 'not in this pack version'}")
     assert growth_mb < RSS_GROWTH_BOUND_MB, growth_mb
 
     after = comfy_server.run(plain_ksampler_prompt("after"))

@@ -128,7 +128,7 @@ def test_interpolate_with_shared_frozen_noise_maps(executor):
     prompt["invert"]["inputs"].update(ancestral)
     executor.run({**prompt, "interp": interpolate_node(2), "stats": frames_stats()})
     x = executor.node_output("interp")[0]["samples"]
-    edit = {"class_type": "PromptSwapEdit", "inputs": {
+    edit = {"class_type": "GNRIPromptSwapEdit", "inputs": {
         "model": ["model", 0], "inversion": ["invert_b", 3], "source": ["positive_b", 0],
         "target": ["positive_b", 0], "strength": 0.0, "edit_cfg": 1.0, "negative_mode": "empty", "start_step": 0}}
     executor.run({**prompt, "edit": edit, "stats": {"class_type": "GNRITestLatentStats",
@@ -212,7 +212,7 @@ def test_end_at_step_hands_over_to_samplers_and_prompt_swap_edit(executor):
                   "positive": ["positive", 0], "negative": ["positive", 0],
                   "latent_image": ["invert", 0], "start_at_step": 4, "end_at_step": 10000,
                   "return_with_leftover_noise": "disable"}},
-              "edit": {"class_type": "PromptSwapEdit", "inputs": {
+              "edit": {"class_type": "GNRIPromptSwapEdit", "inputs": {
                   "model": ["model", 0], "inversion": ["invert", 3], "source": ["positive", 0],
                   "target": ["positive", 0], "strength": 0.0, "edit_cfg": 1.0, "negative_mode": "source",
                   "start_step": 0}},
