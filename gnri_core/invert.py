@@ -99,7 +99,7 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
             noise = None if noise_maps is None else noise_maps[steps - 1 - i]
             target = z if noise is None else (z - ancestral.noise_scale * noise.float()) / ancestral.scale
             problem = StepProblem(denoise, target, ancestral.sigma_down, float(sigmas[i + 1]), family,
-                                  model_dtype=x0.dtype, carry=carry)
+                                  model_dtype=x0.dtype, carry=carry, frozen_noise=noise is not None)
             step = solver(problem, opts)
             z = step.z.detach()
             result.trajectory.append(z)

@@ -69,6 +69,7 @@ class StepProblem:
     model_dtype: torch.dtype = torch.float32
     carry: dict = field(default_factory=dict)  # state a solver hands to the next step
     nfe: int = 0
+    frozen_noise: bool = False  # an ancestral step inverted with its frozen noise map
 
     @property
     def h(self) -> float:

@@ -65,7 +65,7 @@ class SolverOptions:
     window: int = 3
     ridge: float = 1e-6
     renoise_average: int = 3
-    predictor: str = "none"
+    predictor: str = "euler"
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
@@ -290,8 +290,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     """GNRI with a secant Jacobian (the default). K iterations = K model calls:
 
     1. Start from the explicit Euler (native DDIM) step z_prev + h (z_prev - D_p) / sigma,
-       D_p = D(z_prev, sigma) estimated by the previous step (no call; first step or
-       ``predictor="none"``: z_prev). [Euler/DDIM predictor, as in predictor-corrector ODE
+       D_p = D(z_prev, sigma) estimated by the previous step (no call; first step, one
+       iteration or ``predictor="none"``: z_prev). [Euler/DDIM predictor, as in predictor-corrector ODE
        solvers.]
     2. Evaluate r(z) = z - f(z) (one call) and the GNRI objective F = ||r||_1 + lambda G(z),
        G = ||z - mu|| (/ beta). [Samuel et al., GNRI.] Keep the best evaluated iterate.
@@ -305,14 +305,15 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        type-II) step (``multisecant_step``). Both minimise the linear model of ||r||^2 plus
        the guidance term lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu)), a pull
        toward the forward-process mean that fades as the residual r_k vanishes (the root
-       stays exact) and never outweighs the residual (ms: mean square).
+       stays exact) and never outweighs the residual (ms: mean square); not on ancestral
+       steps (frozen noise maps), where it made the inversion diverge.
        [Newton-Raphson; Anderson 1965 / Fang-Saad multisecant; GNRI guidance.] The slope carried to the next step is |dr|^2 / <dr, dz>
        [Barzilai-Borwein, second form], bounded by ``slope_bounds``.
     5. Return the last Newton step where it came from the multisecant model (two evaluated
        iterates), the last iterate was accepted and the step lies within ``GUIDE_RADIUS``
        sqrt(beta D) of mu (where q(z' | z_prev) = N(mu, beta) has its mass), else f(z_best)
        [the reference code's "best iterate"]. So one iteration is the fixed-point step from
-       the evaluated start: with ``predictor="none"`` exactly naive DDIM inversion.
+       the evaluated start: one iteration is exactly naive DDIM inversion.
     """
     mu, g_scale = _guidance(p, o)
     _, beta = p.guidance_mean_var()
@@ -327,7 +328,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     valid = torch.zeros(batch, dtype=torch.long, device=device)
     z, zs, gs, history = p.z_prev, [], [], []
     last = p.carry.get("last_eval")  # D(z_prev, sigma), estimated by the previous step
-    predicted = (o.predictor == "euler" and last is not None
+    predicted = (o.predictor == "euler" and o.max_iters > 1 and last is not None
                  and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
     if predicted:  # step 1
         z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
@@ -350,8 +351,10 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             break
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]  # step 4
         valid = (valid + 1).clamp_max(len(zs))
-        # guidance weight: fades as r -> 0 (the root stays exact) and never outweighs ||r||^2
-        pull = (mu, o.lam * rms(r).pow(2) / rms(z - mu).pow(2).clamp_min(max(beta, 1e-12)))
+        # guidance weight: fades as r -> 0 (the root stays exact) and never outweighs ||r||^2;
+        # off on ancestral steps (with it, a tiny EPS model's 8-iteration inversion diverged)
+        lam = 0.0 if p.frozen_noise else o.lam
+        pull = (mu, lam * rms(r).pow(2) / rms(z - mu).pow(2).clamp_min(max(beta, 1e-12)))
         single = z - (per_sample(slope, z) * r + per_sample(pull[1], z) * (z - mu)) / per_sample(
             slope ** 2 + pull[1], z)  # Newton with the scalar slope, guided
         newton = multisecant_step(zs, gs, o.ridge, valid, pull)

@@ -952,11 +952,8 @@ def _ancestral_case(problem, family, seed=3):
     return den, sigmas, noise, maps, x0
 
 
-STALLS = pytest.mark.xfail(reason="hard mode switch on the flow mixture's 3rd step: the secant GNRI "
-                                  "stalls at 40 iterations (docs/benchmark.md, known limitation)", strict=False)
 ANCESTRAL = ([("anderson", "anderson", {}, p, f) for p, f in CASES]
-             + [pytest.param("gnri-secant", "gnri", {}, p, f,
-                             marks=STALLS if (p, f) == ("mixture", "flow") else ()) for p, f in CASES])
+             + [("gnri-secant", "gnri", {}, p, f) for p, f in CASES])
 
 
 @pytest.mark.parametrize("cid,method,options,problem,family", ANCESTRAL,
