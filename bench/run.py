@@ -68,7 +68,6 @@ def parse(argv=None):
     for flag in ("gpu", "uses", "edit"):
         if getattr(args, flag):
             args.command = flag
-    args.gpu, args.uses, args.edit = (args.command == c for c in ("gpu", "uses", "edit"))
     return args
 
 

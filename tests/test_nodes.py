@@ -63,16 +63,20 @@ def test_roundtrip_samplercustomadvanced(executor, family):
     assert errors["gnri"] < errors["ddim"] / 100, errors
 
 
+def ksampler_advanced(start_at_step: int = 0) -> dict:
+    """Stock KSamplerAdvanced continuing GNRI Invert's inverted LATENT (add_noise disabled, euler)."""
+    return {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ["model", 0], "add_noise": "disable", "noise_seed": 0, "steps": 10,
+        "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["positive", 0], "negative": ["positive", 0],
+        "latent_image": ["invert", 0], "start_at_step": start_at_step, "end_at_step": 10000,
+        "return_with_leftover_noise": "disable"}}
+
+
 @pytest.mark.parametrize("family", ["eps", "v"])
 def test_roundtrip_ksampleradvanced(executor, family):
     """EPS/V: the inverted LATENT into stock KSamplerAdvanced (add_noise disabled, euler)."""
-    prompt = {**source_nodes(family), "invert": invert_node(),
-              "regen": {"class_type": "KSamplerAdvanced", "inputs": {
-                  "model": ["model", 0], "add_noise": "disable", "noise_seed": 0, "steps": 10,
-                  "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                  "positive": ["positive", 0], "negative": ["positive", 0],
-                  "latent_image": ["invert", 0], "start_at_step": 0, "end_at_step": 10000,
-                  "return_with_leftover_noise": "disable"}},
+    prompt = {**source_nodes(family), "invert": invert_node(), "regen": ksampler_advanced(),
               "stats": {"class_type": "GNRITestLatentStats",
                         "inputs": {"latent_a": ["latent", 0], "latent_b": ["regen", 0]}}}
     assert run_stats(executor, prompt)["rel_rms"] < 1e-3

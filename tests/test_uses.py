@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import PromptExecutionError
-from test_nodes import invert_node, regenerate_advanced, run_stats, source_nodes
+from test_nodes import invert_node, ksampler_advanced, regenerate_advanced, run_stats, source_nodes
 
 from gnri_core import InversionInputError, concept_noise, frame_weights, slerp
 
@@ -206,12 +206,7 @@ def test_end_at_step_equals_split_sigmas(executor, family):
 
 def test_end_at_step_hands_over_to_samplers_and_prompt_swap_edit(executor):
     prompt = {**source_nodes("eps"), "invert": invert_node(end_at_step=4),
-              "ksampler": {"class_type": "KSamplerAdvanced", "inputs": {
-                  "model": ["model", 0], "add_noise": "disable", "noise_seed": 0, "steps": 10,
-                  "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                  "positive": ["positive", 0], "negative": ["positive", 0],
-                  "latent_image": ["invert", 0], "start_at_step": 4, "end_at_step": 10000,
-                  "return_with_leftover_noise": "disable"}},
+              "ksampler": ksampler_advanced(start_at_step=4),
               "edit": {"class_type": "GNRIPromptSwapEdit", "inputs": {
                   "model": ["model", 0], "inversion": ["invert", 3], "source": ["positive", 0],
                   "target": ["positive", 0], "strength": 0.0, "edit_cfg": 1.0, "negative_mode": "source",
