@@ -202,10 +202,10 @@ def reconstruction_check():
 
 
 WORKFLOWS = {
-    "gnri_sd15_invert_reconstruct_edit.json": (sd15(), {"gnri_test_family": "eps"}),
-    "gnri_sdxl_turbo_realtime_edit.json": (turbo(), {"gnri_test_family": "eps"}),
-    "gnri_flux_schnell_realtime_edit.json": (flux(), {"gnri_test_family": "flow"}),
-    "gnri_reconstruction_check.json": (reconstruction_check(), {"gnri_test_family": "eps"}),
+    "GNRI - SD1.5 invert, reconstruct, edit.json": (sd15(), {"gnri_test_family": "eps"}),
+    "GNRI - SDXL-Turbo real-time edit.json": (turbo(), {"gnri_test_family": "eps"}),
+    "GNRI - Flux.1-schnell real-time edit.json": (flux(), {"gnri_test_family": "flow"}),
+    "GNRI - Reconstruction check.json": (reconstruction_check(), {"gnri_test_family": "eps"}),
 }
 
 
@@ -286,6 +286,6 @@ def concept():
 
 
 WORKFLOWS.update({
-    "gnri_interpolate.json": (interpolate(), {"gnri_test_family": "eps"}),
-    "gnri_concept_noise.json": (concept(), {"gnri_test_family": "eps"}),
+    "GNRI - SD1.5 interpolate two photos.json": (interpolate(), {"gnri_test_family": "eps"}),
+    "GNRI - SD1.5 concept from examples.json": (concept(), {"gnri_test_family": "eps"}),
 })

@@ -6,7 +6,7 @@ thumbnail is a diagram of the workflow (model, pipeline); with ``--render NAME=I
 a rendered result (e.g. input | edit from a real model) fills the card's lower half.
 
     python scripts/thumbnails.py                       # rewrites all thumbnails
-    python scripts/thumbnails.py --render gnri_sd15_invert_reconstruct_edit=out.png
+    python scripts/thumbnails.py --render "GNRI - SD1.5 invert, reconstruct, edit=out.png"
 """
 from __future__ import annotations
 
@@ -21,22 +21,22 @@ SIZE = 512
 BACKGROUND, BOX, ACCENT, TEXT, MUTED = "#1e1f24", "#34363f", "#4f9dde", "#f2f2f2", "#a9adb8"
 
 CARDS = {
-    "gnri_sd15_invert_reconstruct_edit": (
+    "GNRI - SD1.5 invert, reconstruct, edit": (
         "Invert, reconstruct, edit", "SD1.5 / SD2.1 · 50 steps",
         ["Your photo", "GNRI Invert", "Prompt Swap Edit", "Edited photo"]),
-    "gnri_sdxl_turbo_realtime_edit": (
+    "GNRI - SDXL-Turbo real-time edit": (
         "Real-time edit", "SDXL-Turbo · 4 steps",
         ["Your photo", "GNRI Invert", "Attention Mask Blend", "Prompt Swap Edit"]),
-    "gnri_flux_schnell_realtime_edit": (
+    "GNRI - Flux.1-schnell real-time edit": (
         "Real-time edit", "Flux.1-schnell · 4 steps",
         ["Your photo", "GNRI Invert", "Attention Mask Blend", "Prompt Swap Edit"]),
-    "gnri_reconstruction_check": (
+    "GNRI - Reconstruction check": (
         "Reconstruction check", "GNRI vs ComfyUI's native inversion",
         ["Your photo", "Native inversion | GNRI Invert", "Regenerate both", "input | native | GNRI"]),
-    "gnri_interpolate": (
+    "GNRI - SD1.5 interpolate two photos": (
         "Interpolate two photos", "SD1.5 · exact inversion of both",
         ["Photo A | Photo B", "GNRI Invert (both)", "GNRI Interpolate", "Frames A → B"]),
-    "gnri_concept_noise": (
+    "GNRI - SD1.5 concept from examples": (
         "Rare concept from examples", "SD1.5 · seeds near inverted examples",
         ["Example photos", "GNRI Invert", "GNRI Concept Noise", "New samples"]),
 }

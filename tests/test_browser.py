@@ -1,7 +1,8 @@
 """The example workflows in the real ComfyUI frontend: headless Chromium (Debian's
 ``chromium``) driven by Playwright (the Python package; no browser download) opens
 the frontend that the test server serves, opens the template browser, picks this
-pack's entry and loads each file of ``example_workflows/`` from it, as a user does.
+pack's entry and loads each file of ``example_workflows/`` from it, as a user does
+(its card shows the thumbnail and the file name, in full, as the title).
 
 For each workflow it asserts that the frontend reports no missing node types (its
 own missing-nodes check) and no invalid widget values: every widget keeps the value
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import comfy_env
@@ -107,8 +109,20 @@ def load(name: str) -> dict:
         return json.load(f)
 
 
+def screenshot_name(stem: str) -> str:
+    """docs/screenshots/ file name of a workflow: its title in lower case without dots,
+    words joined by '_' ("GNRI - SD1.5 invert" -> gnri_sd15_invert.png)."""
+    return "_".join(re.findall(r"[a-z0-9]+", stem.lower().replace(".", ""))) + ".png"
+
+
+# what the card's title shows in full: one line (line-clamp-1) not cut off
+CARD_TITLE = """(h3) => ({text: h3.textContent.trim(), full: h3.scrollWidth <= h3.clientWidth
+                                                   && h3.scrollHeight <= h3.clientHeight + 1})"""
+
+
 def open_from_template_browser(page, stem: str) -> None:
-    """Opens the pack's templates, checks the card's thumbnail loaded, loads the workflow."""
+    """Opens the pack's templates, checks the card's thumbnail loaded and its title reads
+    the file name in full, loads the workflow."""
     page.keyboard.press("Escape")
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     page.get_by_text(PACK_LINK_NAME, exact=True).first.click(timeout=30_000)
@@ -117,6 +131,8 @@ def open_from_template_browser(page, stem: str) -> None:
     thumbnail.wait_for(timeout=30_000)
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumbnail.element_handle(),
                            timeout=30_000)
+    title = card.locator("h3").first.evaluate(CARD_TITLE)
+    assert title == {"text": stem, "full": True}, f"the card's title: {title}"
     card.click(timeout=30_000)
 
 
@@ -195,6 +211,16 @@ def test_template_endpoint_lists_every_example_workflow(comfy_server):
 
 
 @pytest.mark.parametrize("name", FILES)
+def test_template_title_is_readable(name):
+    """The file name is the card's title (frontend 1.32.9): words, the pack's name first;
+    letters, digits, spaces and .,()- only (no other escaping in URLs, valid on Windows)."""
+    stem = name[:-5]
+    assert stem.startswith("GNRI - ") and "_" not in stem, stem
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9 .,()-]*[A-Za-z0-9)]", stem), stem
+    assert os.path.isfile(os.path.join(WORKFLOW_DIR, stem + ".jpg")), f"no thumbnail {stem}.jpg"
+
+
+@pytest.mark.parametrize("name", FILES)
 def test_template_thumbnail_is_served(comfy_server, name):
     """The frontend (1.32.9) shows /api/workflow_templates/<pack>/<name>.jpg on the card."""
     r = requests.get(f"{comfy_server.base_url}/api/workflow_templates/{PACK_LINK_NAME}/{name[:-5]}.jpg", timeout=10)
@@ -241,11 +267,11 @@ def test_workflow_loads_in_frontend(frontend, comfy_server, name, tmp_path):
     if r.status_code == 200:  # nothing of it needs a file: it was queued; stop it
         requests.post(comfy_server.base_url + "/interrupt", timeout=10)
 
-    path = str(tmp_path / f"{stem}.png")
+    path = str(tmp_path / screenshot_name(stem))
     screenshot(page, path)
     if os.environ.get("GNRI_UPDATE_SCREENSHOTS") == "1":
         os.makedirs(SCREENSHOT_DIR, exist_ok=True)
-        shutil.copy(path, os.path.join(SCREENSHOT_DIR, f"{stem}.png"))
+        shutil.copy(path, os.path.join(SCREENSHOT_DIR, screenshot_name(stem)))
     print(f"\nscreenshot: {path}")
 
 

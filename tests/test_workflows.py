@@ -60,7 +60,7 @@ def workflow_api(workflow, node_classes):
 
 def test_workflows_exist():
     names = " ".join(FILES)
-    for part in ("sd15", "sdxl_turbo", "flux", "reconstruction_check", "interpolate", "concept_noise"):
+    for part in ("SD1.5 invert", "SDXL-Turbo", "Flux", "Reconstruction check", "interpolate", "concept"):
         assert part in names, FILES
 
 
