@@ -22,10 +22,11 @@ import json
 import os
 import shutil
 
-import comfy_env
 import pytest
 import requests
+
 from conftest import PACK_LINK_NAME
+from gnri_testing import comfy_env
 
 pytestmark = pytest.mark.server
 
