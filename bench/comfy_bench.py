@@ -47,7 +47,7 @@ class ModelClock:
 
 
 def family_setup(family):
-    import tiny_models
+    from gnri_testing import tiny_models
     model = tiny_models.tiny_model(family).clone()
     clock = ModelClock()
     model.set_model_unet_function_wrapper(clock)
@@ -72,7 +72,7 @@ def regenerate(model, positive, noise, latent_samples, sigmas_desc):
 
 def prepare_input(pack, model, positive, family, name, sigmas_desc):
     """(raw latent x0, exact model-space noise or None)."""
-    import tiny_models
+    from gnri_testing import tiny_models
     shape_family = "flow" if family == "flow" else "eps"
     if name == "random":
         return tiny_models.random_latent(shape_family, 1, 16, 16, seed=0), None

@@ -13,20 +13,16 @@ downloads): the numbers behind docs/diffusers.md.
 3. ComfyUI vs diffusers, the same weights (when the test ComfyUI is there): one denoiser
    call and the gnri inverted noise.
 
-The models, the reference loops and the comparisons are ``tests/diffusers_cases.py``'s.
+The models, the reference loops and the comparisons are ``gnri_testing/diffusers_cases.py``'s.
 Random networks are not contractive the way trained ones are: the numbers check the
 plumbing and rank the inversions, they do not predict photo PSNR.
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 try:
-    import comfy_env  # noqa: E402  (before anything imports comfy; optional)
+    from gnri_testing import comfy_env  # (before anything imports comfy; optional)
 
     comfy_env.setup()
     HAVE_COMFY = True
@@ -36,7 +32,7 @@ except Exception as exc:  # no test ComfyUI: sections 1 and 2 only
 
 import torch  # noqa: E402
 
-import diffusers_cases as cases  # noqa: E402
+from gnri_testing import diffusers_cases as cases  # noqa: E402
 
 NAMES = {"ddim": "DDIM", "euler": "Euler", "flow": "FlowMatchEuler"}
 CASE_NAMES = {"eps": "UNet eps", "v": "UNet v", "flux": "Flux", "sd3": "SD3"}

@@ -85,8 +85,8 @@ def _setup(cpu: bool):
     folder_paths._gnri_test_base_dir = base  # comfy_env.setup() now reuses this set-up
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    import gnri_pack_loader
-    return gnri_pack_loader.pack_module()
+    from gnri_testing import pack_loader
+    return pack_loader.pack_module()
 
 
 def init_random(module, dtype, device):

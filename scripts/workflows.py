@@ -129,9 +129,11 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
 
 
 def load_node_classes() -> dict:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    if ROOT not in sys.path:
+        sys.path.append(ROOT)  # for gnri_testing; comfy_env puts ComfyUI ahead of it
     import asyncio
-    import comfy_env
+
+    from gnri_testing import comfy_env
     comfy_env.setup()
     import nodes
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

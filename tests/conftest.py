@@ -1,9 +1,9 @@
-"""pytest fixtures that run a real ComfyUI (see tests/comfy_env.py for how it is found).
+"""pytest fixtures that run a real ComfyUI (see gnri_testing/comfy_env.py for how it is found).
 
 Session fixtures
   comfy        -> the ``comfy`` package (ComfyUI imported in-process, --cpu,
                   folders in a temp base dir ``comfy_env.BASE_DIR``)
-  tiny_eps / tiny_v / tiny_flux -> ModelPatcher (fp32, CPU, seed 0) from tiny_models
+  tiny_eps / tiny_v / tiny_flux -> ModelPatcher (fp32, CPU, seed 0) from gnri_testing.tiny_models
   tiny_clip    -> comfy.sd.CLIP (SD1ClipModel + SD1Tokenizer, 2 layers, random)
   comfy_nodes  -> ComfyUI's ``nodes`` module with stock + comfy_extras nodes, this
                   pack (repo root) and tests/testing_pack loaded (as ComfyUI does)
@@ -32,8 +32,8 @@ import uuid
 
 import pytest
 
-import comfy_env  # noqa: E402  (first: makes ComfyUI importable)
-import tiny_models
+from gnri_testing import comfy_env  # noqa: E402  (first: makes ComfyUI importable)
+from gnri_testing import tiny_models
 
 sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))
 from comfy_server import ComfyServer, ServerError  # noqa: E402,F401  (ServerError: for tests)

@@ -340,7 +340,7 @@ def test_node_bad_inputs(executor, caplog):
 
 @pytest.fixture(scope="module")
 def pack():
-    from gnri_pack_loader import pack_module
+    from gnri_testing.pack_loader import pack_module
     return pack_module("nodes.attention_nodes"), pack_module("nodes.comfy_glue"), pack_module("gnri_core")
 
 
@@ -435,7 +435,7 @@ def steer_flux(model):
 
 @pytest.fixture(scope="module")
 def steered():
-    import tiny_models
+    from gnri_testing import tiny_models
     return {"eps": steer_unet(tiny_models.tiny_eps_model(seed=1)),
             "flow": steer_flux(tiny_models.tiny_flux_model(seed=1))}
 
@@ -504,7 +504,7 @@ def test_existing_patches_are_chained(pack, steered, tiny_clip):
 def test_mask_resolution_follows_the_latent_format(pack, tiny_clip):
     """Image pixels per latent cell come from the model's latent format where it says
     (newer ComfyUI: ``spacial_downscale_ratio``), else 8."""
-    import tiny_models
+    from gnri_testing import tiny_models
 
     nodes, _, _ = pack
     model = steer_unet(tiny_models.tiny_eps_model(seed=1))

@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 
-import comfy_env
 import pytest
+
+from gnri_testing import comfy_env
 
 ROOT = comfy_env.REPO_ROOT
 

@@ -24,10 +24,11 @@ import os
 import re
 import shutil
 
-import comfy_env
 import pytest
 import requests
+
 from conftest import PACK_LINK_NAME
+from gnri_testing import comfy_env
 
 pytestmark = pytest.mark.server
 

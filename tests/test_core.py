@@ -13,23 +13,14 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-# tests/ (analytic) and the repo root (gnri_core), APPENDED when missing: pytest and
-# `python -m` normally provide both; never put the repo root in front of ComfyUI's path
-# (its nodes/ package would shadow ComfyUI's nodes.py for the ComfyUI tests).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-for _path in (_HERE, os.path.dirname(_HERE)):
-    if _path not in sys.path:
-        sys.path.append(_path)
+import gnri_core
+from gnri_core import DEFAULTS, METHODS, InversionError, InversionInputError, InversionResult
 
-import gnri_core  # noqa: E402
-from gnri_core import DEFAULTS, METHODS, InversionError, InversionInputError, InversionResult  # noqa: E402
-
-from analytic import (  # noqa: E402
+from analytic import (  # tests/analytic.py
     FAMILIES, PROBLEMS, CountingDenoiser, GaussianMixture, LinearGaussian, ascending_sigmas,
     generate, generated_image, initial_noise, make_denoiser, relative_error,
 )

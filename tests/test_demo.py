@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 
-import comfy_env
 import pytest
 import requests
+
 from conftest import PACK_LINK_NAME
+from gnri_testing import comfy_env
 
 sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))
 import demo

@@ -17,32 +17,28 @@ configs: no downloads).
   conversion), give the same inverted noise.
 
 The tiny models, diffusers' reference loops and the comparisons are in
-``tests/diffusers_cases.py`` (shared with ``bench/diffusers_check.py``).
+``gnri_testing/diffusers_cases.py`` (shared with ``bench/diffusers_check.py``).
 """
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-for _path in (_HERE, os.path.dirname(_HERE)):  # appended: never ahead of ComfyUI's path
-    if _path not in sys.path:
-        sys.path.append(_path)
-
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel  # noqa: E402
 
 import gnri_diffusers as gd  # noqa: E402
-from diffusers_cases import (  # noqa: E402
+from gnri_testing.diffusers_cases import (  # noqa: E402
     CASE_IDS, CASES, CFG, DDIM_CONFIGS, EULER_CONFIGS, STEPS, UNET_KWARGS, adapter_kwargs,
     comfy_vs_diffusers, cross_check, latents_for, make_case, max_diff, randn, reconstruction_errors, rel_err,
     seeded, tiny_sd3, tiny_unet, unet_prompts,
 )
 from gnri_core import InversionInputError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------- cross-checks
 
@@ -203,14 +199,14 @@ def _imported_modules(path: str) -> set:
 
 
 def _package_imports(folder: str) -> dict:
-    root = os.path.dirname(_HERE)
-    return {name: _imported_modules(os.path.join(root, folder, name))
-            for name in sorted(os.listdir(os.path.join(root, folder))) if name.endswith(".py")}
+    return {name: _imported_modules(os.path.join(ROOT, folder, name))
+            for name in sorted(os.listdir(os.path.join(ROOT, folder))) if name.endswith(".py")}
 
 
 def test_import_graph():
     """nodes -> gnri_core, gnri_diffusers -> gnri_core: the core and the ComfyUI nodes never
-    import diffusers or the diffusers adapter; the adapter never imports the nodes."""
+    import diffusers or the diffusers adapter; the adapter never imports the nodes; nothing
+    shipped imports the test fixtures (gnri_testing)."""
     for folder in ("gnri_core", "nodes"):
         for name, imported in _package_imports(folder).items():
             bad = [m for m in imported if "diffusers" in m.split(".")[0] or "gnri_diffusers" in m]
@@ -218,6 +214,11 @@ def test_import_graph():
     for name, imported in _package_imports("gnri_diffusers").items():
         bad = [m for m in imported if m.split(".")[0] in ("nodes", "comfy", "comfy_api")]
         assert not bad, f"gnri_diffusers/{name} imports {bad}"
+    for folder in ("gnri_core", "nodes", "gnri_diffusers"):
+        for name, imported in _package_imports(folder).items():
+            bad = [m for m in imported if m.split(".")[0] == "gnri_testing"]
+            assert not bad, f"{folder}/{name} imports {bad}"
+    assert not any("gnri_testing" in m for m in _imported_modules(os.path.join(ROOT, "__init__.py")))
 
 
 @pytest.mark.parametrize("kind", ("unet", "flux"))

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import pytest
 
-import comfy_env
+from gnri_testing import comfy_env
 
-sys.path.insert(0, comfy_env.REPO_ROOT)
 pytest.importorskip("gnri_world")
 
 from bench import edit_bench  # noqa: E402

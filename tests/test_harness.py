@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_models
 from conftest import PromptExecutionError, PromptValidationError, unet_prompt
+from gnri_testing import tiny_models
 
 
 def _model_space_std(model, latent):

@@ -243,7 +243,7 @@ def test_error_flow_autograd_is_clear(executor):
 
 def test_errors_from_node_functions(tiny_eps, tiny_clip, comfy):
     """Errors raised before any model call name the input (called directly)."""
-    from gnri_pack_loader import pack_module
+    from gnri_testing.pack_loader import pack_module
     glue = pack_module("nodes.comfy_glue")
     Invert = pack_module("nodes.inversion_nodes").GNRIInvert
     InversionInputError = pack_module("gnri_core").InversionInputError

@@ -327,7 +327,7 @@ def test_good_input_has_no_warning(comfy_server):
 def test_comfyui_without_v3_api_logs_the_minimum_version(tmp_path):
     """A ComfyUI without comfy_api.latest: one clear log line, no nodes; without any
     ComfyUI (plain gnri_core users): silence."""
-    import comfy_env
+    from gnri_testing import comfy_env
 
     loader = ("import importlib.util, logging, os, sys\n"
               "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"

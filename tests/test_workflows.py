@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import comfy_env
+from gnri_testing import comfy_env
 
 sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))
 import workflows  # noqa: E402

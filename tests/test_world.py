@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-import comfy_env
 import pytest
 import torch
 
+from gnri_testing import comfy_env
 from gnri_world import latent, scenes, scorer
 
 sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))

@@ -17,27 +17,29 @@ import sys
 
 import torch
 
-_TESTS_DIR = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # through the symlink
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # through the symlink
 
 
-def _load_tiny_models():
-    # tests/tiny_models.py, without putting tests/ on sys.path (that would expose
-    # tests/comfy_env.py, which must never run inside a running ComfyUI).
-    path = os.path.join(_TESTS_DIR, "tiny_models.py")
-    mod = sys.modules.get("tiny_models")
-    if mod is not None and os.path.realpath(getattr(mod, "__file__", "")) == os.path.realpath(path):
-        return mod
-    name = "gnri_testing_pack_tiny_models"
+def _load_repo_package(name: str):
+    """A top-level package of the repo (``gnri_testing``, ``gnri_world``), the copy
+    already imported if there is one (the in-process executor), else imported by
+    path: the repo root must not go on sys.path inside ComfyUI, its ``nodes/`` would
+    shadow ComfyUI's."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    folder = os.path.join(_REPO_ROOT, name)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-tiny_models = _load_tiny_models()
+# gnri_testing's __init__ imports nothing, and tiny_models skips comfy_env (which must
+# never run inside a running ComfyUI) when ComfyUI is already set up.
+_load_repo_package("gnri_testing")
+from gnri_testing import tiny_models  # noqa: E402
 
 FAMILIES = list(tiny_models.FAMILIES)          # ["eps", "v", "flow"]
 DTYPES = list(tiny_models.DTYPES)              # ["fp32", "fp16", "bf16"]
@@ -194,21 +196,7 @@ class GNRITestDecode:
 WORLD_PX = 8   # IMAGE pixels per world pixel (= latent cell), ComfyUI's VAE convention
 
 
-def _load_world():
-    """The repo's ``gnri_world`` package (imported by path: the repo root must not go
-    on sys.path inside ComfyUI, its ``nodes/`` would shadow ComfyUI's)."""
-    if "gnri_world" in sys.modules:
-        return sys.modules["gnri_world"]
-    folder = os.path.join(os.path.dirname(_TESTS_DIR), "gnri_world")
-    spec = importlib.util.spec_from_file_location("gnri_world", os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gnri_world"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_load_world()
+_load_repo_package("gnri_world")
 from gnri_world import latent as world_latent, models as world_models, scenes as world_scenes, scorer as world_scorer  # noqa: E402
 
 WORLD_FAMILIES = list(world_models.FAMILIES)

@@ -1,5 +1,5 @@
 """Imports the pack (the repo root) as the package ``gnri_pack``, as ComfyUI would,
-so tests can reach ``gnri_pack.nodes.*`` and the pack's own ``gnri_core`` classes."""
+so tests and the benchmark can reach ``gnri_pack.nodes.*`` and the pack's own ``gnri_core`` classes."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,7 @@ import importlib.util
 import os
 import sys
 
-import comfy_env
+from . import comfy_env
 
 comfy_env.setup()
 PACKAGE = "gnri_pack"

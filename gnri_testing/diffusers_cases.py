@@ -18,7 +18,7 @@ from gnri_core import invert
 
 # --------------------------------------------------------------------------- tiny models
 
-# The UNet of tests/tiny_models.py (ComfyUI's UNET_CONFIG; SD15's num_heads 8) in diffusers'
+# The UNet of gnri_testing/tiny_models.py (ComfyUI's UNET_CONFIG; SD15's num_heads 8) in diffusers'
 # terms (SD1.5 configs' ``attention_head_dim`` is the head count).
 UNET_KWARGS = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -26,7 +26,7 @@ UNET_KWARGS = dict(
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, use_linear_projection=False,
 )
-# tests/tiny_models.py's Flux (hidden 64, 2 heads of 32, rope axes 8/12/12, 16 latent
+# gnri_testing/tiny_models.py's Flux (hidden 64, 2 heads of 32, rope axes 8/12/12, 16 latent
 # channels, text/pooled width 32) with diffusers' fixed mlp_ratio 4.
 FLUX_KWARGS = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -58,7 +58,7 @@ CFG = 3.0
 
 class SkipUNet(UNet2DConditionModel):
     """``UNet2DConditionModel`` plus ``skip * sample`` on its output, as
-    ``tests/tiny_models.TinySkipUNet``: a random UNet's noise guess is uncorrelated with
+    ``gnri_testing/tiny_models.TinySkipUNet``: a random UNet's noise guess is uncorrelated with
     its input, so EPS sampling would never remove the noise; with the skip
     eps(x) ~ x / sqrt(1 + sigma^2) plus a small random, prompt-dependent part."""
 
@@ -325,11 +325,11 @@ def reconstruction_errors(case, scheduler_name, guidance_scale=1.0, steps=STEPS,
 # --------------------------------------------------------------------------- ComfyUI, same weights
 
 def _comfy_unet_from_diffusers(unet):
-    """tests/tiny_models' ComfyUI UNet (TinySkipUNet, skip 1) with the diffusers UNet's
+    """gnri_testing/tiny_models' ComfyUI UNet (TinySkipUNet, skip 1) with the diffusers UNet's
     weights, through ComfyUI's own diffusers-key map ``comfy.utils.unet_to_diffusers``."""
     import comfy.model_base
     import comfy.utils
-    import tiny_models
+    from . import tiny_models
 
     patcher = tiny_models._tiny_unet(comfy.model_base.ModelType.EPS, 1.0, torch.float32, 0)
     key_map = comfy.utils.unet_to_diffusers(patcher.model.model_config.unet_config)
@@ -341,13 +341,13 @@ def _comfy_unet_from_diffusers(unet):
 
 
 def _comfy_flux_from_diffusers(model):
-    """tests/tiny_models' ComfyUI Flux (mlp_ratio 4, as diffusers' Flux) with the diffusers
+    """gnri_testing/tiny_models' ComfyUI Flux (mlp_ratio 4, as diffusers' Flux) with the diffusers
     weights, through ComfyUI's own conversion ``comfy.model_detection.convert_diffusers_mmdit``.
     (``comfy.sd.load_diffusion_model_state_dict`` would also detect the config, but its
     Flux detection hard-codes full-size heads and rope axes.)"""
     import comfy.model_detection
     import comfy.supported_models
-    import tiny_models
+    from . import tiny_models
 
     # a copy: the conversion swaps the final adaLN's halves in place (and pops the keys)
     converted = comfy.model_detection.convert_diffusers_mmdit(
@@ -364,7 +364,7 @@ def comfy_vs_diffusers(kind: str, method: str = "gnri") -> dict:
     prompt, schedule (the adapter's sigmas, handed to GNRI Invert's code path,
     ``nodes.comfy_glue.invert_latent``) and cfg: max abs difference of one denoiser call
     (cfg 1) and relative difference of the inverted noise."""
-    from gnri_pack_loader import pack_module
+    from .pack_loader import pack_module
 
     glue = pack_module("nodes.comfy_glue")
     if kind == "unet":

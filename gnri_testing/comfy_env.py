@@ -1,13 +1,16 @@
-"""Make a real ComfyUI importable in this (pytest) process.
+"""Make a real ComfyUI importable in this process (pytest, ``python -m bench``,
+``scripts/workflows.py``).
 
 Import this module before anything that imports ``comfy``, ``nodes``,
 ``execution``, ``folder_paths`` ...  It
 
 * finds ComfyUI through ``GNRI_COMFYUI_PATH`` (default ``<repo>/.comfyui``, what
   ``scripts/setup_env.sh`` builds) and puts it FIRST on ``sys.path``: the repo
-  root has a ``nodes/`` package of its own, and ``python -m pytest`` puts the
-  working directory on ``sys.path``, so without this ``import nodes`` would find
-  the pack's folder instead of ComfyUI's ``nodes.py``;
+  root has a ``nodes/`` package of its own, and the repo root is on ``sys.path``
+  (``python -m pytest`` / ``python -m bench`` put the working directory there,
+  pytest.ini's ``pythonpath = .`` puts it there for plain ``pytest``; this package
+  is imported from there), so without this ``import nodes`` would find the pack's
+  folder instead of ComfyUI's ``nodes.py``;
 * sets ``sys.argv`` to ``--cpu --base-directory <tmp>`` and enables ComfyUI's
   argument parsing before ``comfy.cli_args`` is imported (it parses ``[]``
   otherwise, and the ComfyUI checkout would be used as base directory);
@@ -72,8 +75,8 @@ def setup() -> str:
         if mod is not None:  # imported before comfy_env: argv was not parsed our way
             where = getattr(mod, "__file__", None) or list(getattr(mod, "__path__", []) or ["?"])[0]
             raise RuntimeError(
-                f"ComfyUI's {name!r} was imported (from {where}) before tests/comfy_env.py; "
-                "import comfy_env first (tests/conftest.py does)")
+                f"ComfyUI's {name!r} was imported (from {where}) before gnri_testing/comfy_env.py; "
+                "import gnri_testing.comfy_env first (tests/conftest.py does)")
 
     # ComfyUI first on sys.path (see module docstring).
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != COMFYUI_PATH]

@@ -20,7 +20,7 @@ x*0.18215; Flux: (x-0.1159)*0.3611) before the model sees them, and the model-sp
 values are ~N(0, 1).
 
 Standalone, this module imports ``comfy_env`` first (sets ComfyUI up); inside a
-running ComfyUI (the testing pack in the server) it does not.
+running ComfyUI (tests/testing_pack in the server) it does not.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import math
 import sys
 
 if "comfy.cli_args" not in sys.modules:  # standalone use: set ComfyUI up first
-    import comfy_env  # noqa: F401  (never re-run inside a running ComfyUI)
+    from . import comfy_env  # noqa: F401  (never re-run inside a running ComfyUI)
 
 import torch
 
