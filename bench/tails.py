@@ -55,6 +55,7 @@ def configs(core, mode: dict) -> list:
         spec = BY_KEY[key]
         out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0)))
     out.append(Config("gnri default ×1", "gnri", {"max_iters": 1}))
+    out.append(Config("gnri default, contraction 0.5", "gnri", {"contraction": 0.5}))
     out += [Config(f"gnri default, lam {lam:g}", "gnri", {"lam": lam}) for lam in mode["lams"]]
     return out
 
@@ -112,7 +113,7 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
                 images = config_mode["ancestral_images" if ancestral else "images"]
                 batches = generate(core, model, sigmas, images, ancestral)
                 for config in rows:
-                    if ancestral and ("lam" in config.key or "pred" in config.key):
+                    if ancestral and ("lam" in config.key or "pred" in config.key or "contraction" in config.key):
                         continue  # lambda: deterministic table only; the predictor is off on ancestral steps
                     if progress is not None:
                         progress(f"{name} {family} {steps} {'ancestral ' if ancestral else ''}{config.key}")

@@ -46,6 +46,15 @@ class SolverOptions:
     window:           Anderson history length m.
     ridge:            Anderson least-squares regularisation (relative to the Gram trace).
     renoise_average:  ReNoise: how many of the last derivative estimates to average.
+    contraction:      GNRI secant, from the third iteration on: a sample keeps iterating only
+                      while each iteration cut its best relative residual to at most this
+                      fraction of the one before; otherwise it keeps the answer it had (a
+                      secant model that stopped converging is heading for a root in another
+                      basin: a mode flip, docs/benchmark.md). 0: always iterate. Not on
+                      ancestral steps (ill-conditioned everywhere: it stopped them too early).
+                      Off by default: 0.5 cuts the mixture tails' failures (docs/benchmark.md)
+                      but stops smooth models short (a tiny SD3's round trip 1.3e-4 -> 1.0e-3)
+                      and caps what a large ``max_iters`` converges to.
     predictor:        GNRI secant, first iterate of a step: "euler" the explicit
                       Euler / native DDIM step z_prev + h (z_prev - D_p) / sigma, with D_p the
                       denoiser output at z_prev estimated by the previous step: its best
@@ -66,14 +75,15 @@ class SolverOptions:
     ridge: float = 1e-6
     renoise_average: int = 3
     predictor: str = "euler"
+    contraction: float = 0.0
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
             raise InversionInputError(f"max_iters must be >= 1, got {self.max_iters}")
-        if self.tol < 0 or self.lam < 0 or self.eta_floor < 0:
+        if self.tol < 0 or self.lam < 0 or self.eta_floor < 0 or self.contraction < 0:
             raise InversionInputError(
-                f"tol, lam and eta_floor must be >= 0, got tol={self.tol}, lam={self.lam}, "
-                f"eta_floor={self.eta_floor}")
+                f"tol, lam, eta_floor and contraction must be >= 0, got tol={self.tol}, lam={self.lam}, "
+                f"eta_floor={self.eta_floor}, contraction={self.contraction}")
         if self.gradient not in GRADIENTS:
             raise InversionInputError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
         if self.guidance not in GUIDANCE_FORMS:
@@ -314,6 +324,10 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        sqrt(beta D) of mu (where q(z' | z_prev) = N(mu, beta) has its mass), else f(z_best)
        [the reference code's "best iterate"]. So one iteration is the fixed-point step from
        the evaluated start: one iteration is exactly naive DDIM inversion.
+    6. Budget where it converges: after the second iteration, a sample whose best residual
+       did not fall to ``contraction`` times the previous one stops with the answer of step 5
+       at that point; the step ends when every sample stopped. [Superlinear convergence
+       test of quasi-Newton methods; the mode flips of a budget chased past it.]
     """
     mu, g_scale = _guidance(p, o)
     _, beta = p.guidance_mean_var()
@@ -332,6 +346,14 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
                  and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
     if predicted:  # step 1
         z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # step 6
+    answer, previous = p.z_prev, None
+
+    def answer_of(z, accepted, valid):  # step 5
+        plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
+        trusted = accepted & plausible & (valid > 1)  # a secant model, measured along a real step
+        return torch.where(per_sample(trusted, z), z, best.fz)
+
     for _ in range(o.max_iters):
         denoised = p.denoised(z)  # step 2
         fz = p.fixed_point_map(z, denoised)
@@ -368,10 +390,15 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         damping = torch.where(improved, 1.0, torch.where(accepted, damping, 0.5 * damping))
         valid = torch.where(accepted, valid, 0)
         slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
+        if o.contraction > 0 and not p.frozen_noise and previous is not None:  # step 6
+            stopping = ~stopped & (best.relative > o.contraction * previous)
+            answer = torch.where(per_sample(stopping, z), answer_of(z, accepted, valid), answer)
+            stopped = stopped | stopping
+            if bool(stopped.all()):
+                break
+        previous = best.relative.clone()
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
-    plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
-    trusted = accepted & plausible & (valid > 1)  # step 5: a secant model, measured along a real step
-    z = torch.where(per_sample(trusted, z), z, best.fz)
+    z = torch.where(per_sample(stopped, z), answer, answer_of(z, accepted, valid))
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
     denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)
     p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}

@@ -1112,3 +1112,27 @@ def test_residual_of_an_all_zero_latent_is_meaningful():
     assert torch.isfinite(result.noise).all()
     assert result.residuals[0] < 1.0 / ATOL  # bounded by rms(r) / ATOL with rms(r) < 1
     assert all(r < 1.0 for r in result.residuals[1:])
+
+
+# ---------------------------------------------------------------------------------------
+# the contraction option (step 6 of solve_gnri_secant; off by default)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem,family", CASES, ids=CASE_IDS)
+def test_contraction_stops_only_where_convergence_stalls(problem, family):
+    """contraction > 0 never costs calls and changes nothing at 2 iterations (it acts from
+    the third); 0 is the default."""
+    assert DEFAULTS["gnri"].contraction == 0.0
+    den, gen = generated(problem, family)
+    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0)
+    guarded = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, contraction=0.5)
+    assert guarded.nfe <= plain.nfe
+    assert math.isfinite(_recon_error(den, gen.x0, gen.sigmas, "gnri", family, tol=0, contraction=0.5))
+    two = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=2, contraction=c).noise for c in (0.0, 0.5)]
+    torch.testing.assert_close(two[0], two[1], rtol=0, atol=0)
+
+
+def test_contraction_must_be_non_negative():
+    den, gen = generated("gaussian", "eps")
+    with pytest.raises(InversionInputError, match="contraction"):
+        invert(den, gen.x0, gen.sigmas, "gnri", "eps", contraction=-0.5)
