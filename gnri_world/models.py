@@ -148,6 +148,16 @@ def _read(name: str, directory: str | None = None) -> dict:
     return {k: v.float() for k, v in load_file(path).items()}
 
 
+def read_weights(family: str, directory: str | None = None) -> tuple[dict, dict]:
+    """The shipped state dict of ``family`` (fp32) and its metadata (config, steps, minutes)."""
+    from safetensors import safe_open
+    path = os.path.join(directory or WEIGHTS_DIR, FILES[family])
+    state = _read(FILES[family], directory)
+    with safe_open(path, "pt") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    return state, meta
+
+
 def save(state: dict, name: str, directory: str | None = None, meta: dict | None = None) -> str:
     from safetensors.torch import save_file
     directory = directory or WEIGHTS_DIR

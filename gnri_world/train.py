@@ -3,6 +3,7 @@
     python -m gnri_world.train --family unet --minutes 60            # a chunk
     python -m gnri_world.train --family unet --minutes 30 --resume   # the next chunk
     python -m gnri_world.train --family unet --export                # EMA -> weights/
+    python -m gnri_world.train --family unet --minutes 30 --from-weights  # continue the shipped weights
 
 Every step draws fresh scenes (seeded by step), encodes them with the exact "VAE" and
 the shipped text encoder (10 % empty captions for CFG), and fits ComfyUI's own model
@@ -101,6 +102,9 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=float, default=5.0, help="minutes between checkpoints")
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--from-weights", action="store_true",
+                    help="start from the shipped weights (net and EMA; fresh optimiser with warmup) "
+                         "when no checkpoint exists, e.g. on a machine that only has the repo")
     ap.add_argument("--export", action="store_true", help="write the EMA weights to gnri_world/weights/")
     ap.add_argument("--export-dir", default=None, help="with --export: write them here instead")
     args = ap.parse_args(argv)
@@ -123,6 +127,11 @@ def main(argv=None):
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         step, minutes = ck["step"], ck["minutes"]
+    elif args.from_weights:
+        shipped, meta = models.read_weights(args.family)
+        net.load_state_dict(shipped)
+        ema.load_state_dict(shipped)
+        step, minutes = int(meta.get("steps", 0)), float(meta.get("minutes", 0.0))
     if args.export:
         path = models.save(ema.state_dict(), models.FILES[args.family], args.export_dir,
                            meta={"config": models.CONFIGS[args.family], "steps": step, "minutes": round(minutes, 1)})
