@@ -29,6 +29,7 @@ from . import latent, models, scenes
 DATA = dict(p_two=0.15, p_striped=0.1, rare_weight=0.1)   # the training distribution
 RUNS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
 DROP = 0.1
+SIGMA_UNIFORM = 0.5  # flux: share of training sigmas drawn uniformly (from step 6960 on; before: 0)
 
 
 class Captions:
@@ -65,7 +66,11 @@ def loss_fn(family: str, model, x0, ctx, pooled, gen):
         sigma = ms.sigmas[idx].to(x0.device)
         target, weight = noise, (1 / sigma**2).clamp(max=5.0) * sigma**2   # min-SNR-5 (data std ~1)
     else:
-        sigma = torch.sigmoid(torch.randn(b, generator=gen)).to(x0.device).clamp(1e-3, 1 - 1e-3)
+        # half logit-normal (SD3), half uniform: sigma > 0.9 (inversion's last step) gets trained too
+        logit_normal = torch.sigmoid(torch.randn(b, generator=gen))
+        uniform = torch.rand(b, generator=gen)
+        pick = torch.rand(b, generator=gen) < SIGMA_UNIFORM
+        sigma = torch.where(pick, uniform, logit_normal).to(x0.device).clamp(1e-3, 1 - 1e-3)
         target, weight = noise - x0, torch.ones_like(sigma)
     s = sigma.view(-1, 1, 1, 1)
     x = ms.noise_scaling(sigma, noise, x0)
