@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .errors import InversionInputError
 
 COMBINE_MODES = ("replace", "union", "intersect")
-DEFAULT_THRESHOLD = 0.7  # editing benchmark (docs/editing.md): 0.6 covered ~the whole image on the UNet path; 0.75 raised its clean edits 38 -> 46 %, Flux best 0.3-0.6
+DEFAULT_THRESHOLD = 0.7  # editing benchmark (docs/editing.md): the UNet path localises from 0.7; Flux is best at 0.3-0.45
 DEFAULT_MAX_ELEMENTS = 1 << 25  # float32 logits held at once: 128 MiB
 TARGET_GRID = 16                # TurboEdit / prompt-to-prompt: cross-attention at ~16x16
 MAX_BLOCKS = 4                  # joint-attention blocks read (second half of the stack)

@@ -118,7 +118,7 @@ class PromptSwapEdit(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-5.0, max=5.0, step=0.05,
                                tooltip="Interpolates source→target embeddings; >1 extrapolates, <0 goes away."),
                 io.Float.Input("edit_cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="CFG of the edit. 1 keeps the source safest (distilled models: SDXL-Turbo 1-1.2, Flux-schnell 1); non-distilled models edit about twice as often at 3-5."),
+                               tooltip="CFG of the edit (1.2 adds strength on SDXL-Turbo; higher values leak more)."),
                 io.Combo.Input("negative_mode", options=list(NEGATIVES), default="source",
                                tooltip="Negative for CFG: the source prompt or the zeroed (empty) target."),
                 io.Int.Input("start_step", default=0, min=0, max=10000,
