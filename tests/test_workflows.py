@@ -147,9 +147,9 @@ SD15, TURBO, FLUX = (f"GNRI - {n}.json" for n in ("SD1.5 invert, reconstruct, ed
                                                   "Flux.1-schnell real-time edit"))
 # PSNR thresholds (dB, against the source outside the object's true mask) of the
 # reconstruction and the edit, 5-18 dB under what the shipped weights (UNet step 15615,
-# Flux step 24510) give on WORLD_EDIT's scene (recon / edit): SD1.5 workflow on the world
+# Flux step 29282) give on WORLD_EDIT's scene (recon / edit): SD1.5 workflow on the world
 # UNet 68.4 / 27.5 (50 steps, edit cfg 1, no mask), SDXL-Turbo's 19.9 / 25.8 (4 steps, mask),
-# Flux.1-schnell's on the world Flux 34.8 / 30.2 (4 steps, mask threshold 0.45); every edit
+# Flux.1-schnell's on the world Flux 37.3 / 30.5 (4 steps, mask threshold 0.45); every edit
 # keeps the shape.
 WORLD_PSNR = {SD15: (50.0, 20.0), TURBO: (15.0, 20.0), FLUX: (25.0, 25.0)}
 
