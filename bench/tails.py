@@ -114,7 +114,7 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
                 batches = generate(core, model, sigmas, images, ancestral)
                 for config in rows:
                     if ancestral and ("lam" in config.key or "pred" in config.key or "contraction" in config.key):
-                        continue  # lambda: deterministic table only; the predictor is off on ancestral steps
+                        continue  # deterministic tables only (the predictor and contraction are off on ancestral steps)
                     if progress is not None:
                         progress(f"{name} {family} {steps} {'ancestral ' if ancestral else ''}{config.key}")
                     record = {"model": name, "family": family, "steps": steps, "ancestral": ancestral,

@@ -141,19 +141,17 @@ def encode_text(clip, captions) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _read(name: str, directory: str | None = None) -> dict:
-    from safetensors.torch import load_file
+    return read_file(name, directory)[0]
+
+
+def read_file(name: str, directory: str | None = None) -> tuple[dict, dict]:
+    """A weight file's state dict (fp32) and its metadata (config, steps, minutes), in one read."""
+    from safetensors import safe_open
     path = os.path.join(directory or WEIGHTS_DIR, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"world weights not found: {path}")
-    return {k: v.float() for k, v in load_file(path).items()}
-
-
-def read_weights(family: str, directory: str | None = None) -> tuple[dict, dict]:
-    """The shipped state dict of ``family`` (fp32) and its metadata (config, steps, minutes)."""
-    from safetensors import safe_open
-    path = os.path.join(directory or WEIGHTS_DIR, FILES[family])
-    state = _read(FILES[family], directory)
     with safe_open(path, "pt") as f:
+        state = {k: f.get_tensor(k).float() for k in f.keys()}
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     return state, meta
 

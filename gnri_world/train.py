@@ -133,7 +133,7 @@ def main(argv=None):
         opt.load_state_dict(ck["opt"])
         step, minutes = ck["step"], ck["minutes"]
     elif args.from_weights:
-        shipped, meta = models.read_weights(args.family)
+        shipped, meta = models.read_file(models.FILES[args.family])
         net.load_state_dict(shipped)
         ema.load_state_dict(shipped)
         step, minutes = int(meta.get("steps", 0)), float(meta.get("minutes", 0.0))
