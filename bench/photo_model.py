@@ -191,6 +191,14 @@ class PhotoMixture:
         logits = self.log_pi + (a * y / v) @ self.mu_hat.T - 0.5 * (a ** 2 / v) @ (self.mu_hat ** 2).T
         return torch.softmax(logits, dim=1)
 
+    def sample(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        """Draws from the mixture itself (a photo plus its component's spread): images of the
+        model's world that its few-step sampler did not generate, so no exact inverse exists."""
+        g = torch.Generator().manual_seed(seed)
+        k = torch.randint(self.mu_hat.shape[0], (batch,), generator=g)
+        y = self.mu_hat[k] + self.c.sqrt() * torch.randn(batch, self.c.numel(), generator=g, dtype=torch.float64)
+        return idct2(y.view(batch, *self.shape), self.m).float()
+
     def initial_noise(self, sigma_max: float, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """The latent at sigma_max from a unit Gaussian (EPS: sigma_max * n; flow: n)."""
         g = torch.Generator().manual_seed(seed)

@@ -8,7 +8,10 @@ the tight isotropic one (components of std 0.3, "iso"); EPS on 4- and 10-step Ka
 schedules (SD1.5's sigma range), flow on 4 and 10 uniform steps. Every image was
 generated from known noise by the deterministic Euler sampler (``reconstruct``), in
 batches of 4 as the nodes see them, so an exact inverse exists. Ancestral inversion
-(Euler-a, eta 1, frozen noise maps) is measured on its own generated images.
+(Euler-a, eta 1, frozen noise maps) is measured on its own generated images. "Data"
+images are drawn from the mixture itself (``PhotoMixture.sample``): the model's world, but
+not what its few-step sampler generates, so no exact inverse exists (the stand-in for
+real photos; only the reconstruction is measured).
 
 Per method and budget: model calls per step, min / 10th percentile / median
 reconstruction PSNR, median relative error of the inverted noise, the number of images
@@ -37,6 +40,7 @@ FULL = dict(images=100, ancestral_images=40, lams=(0.0, 10.0),
             runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("fixed_point", 3)))
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
+INPUTS = ("generated", "ancestral", "data")  # deterministic on generated images, ancestral, deterministic on data
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ def generate(core, model, sigmas, images: int, ancestral: bool, seed: int = 0):
     return out
 
 
+def data_samples(model, images: int, seed: int = 0):
+    """Batches of (x0, None, None): images drawn from the mixture, not generated."""
+    return [(model.sample(BATCH, seed=seed + 1000 + b), None, None) for b in range(0, images, BATCH)]
+
+
 def measure(core, model, sigmas, batches, config: Config) -> dict:
     """Per-image PSNR, noise error and noise statistics, and calls per step, of one config."""
     psnr, noise_err, stats, nfe = [], [], [], 0
@@ -92,7 +101,8 @@ def measure(core, model, sigmas, batches, config: Config) -> dict:
         rec = core.reconstruct(model, result.noise, sigmas, noise_maps=maps, family=model.family)
         for i in range(x0.shape[0]):
             psnr.append(metrics.psnr(rec[i:i + 1], x0[i:i + 1], 2.0, clamp=(-1, 1)))
-            noise_err.append(metrics.relative_error(result.noise[i:i + 1], noise[i:i + 1]))
+            noise_err.append(float("nan") if noise is None else
+                             metrics.relative_error(result.noise[i:i + 1], noise[i:i + 1]))
             eps = result.noise[i:i + 1] / (float(sigmas[0]) if model.family == "eps" else 1.0)
             stats.append(metrics.noise_stats(eps))
     steps = len(sigmas) - 1
@@ -109,30 +119,37 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
         for family, steps in SCHEDULES:
             model = PhotoMixture(family, size=32, **kwargs)
             sigmas = schedule(family, steps)
-            for ancestral in (False, True):
+            for inputs in INPUTS:
+                ancestral = inputs == "ancestral"
                 images = config_mode["ancestral_images" if ancestral else "images"]
-                batches = generate(core, model, sigmas, images, ancestral)
+                batches = (data_samples(model, images) if inputs == "data"
+                           else generate(core, model, sigmas, images, ancestral))
                 for config in rows:
-                    if ancestral and ("lam" in config.key or "pred" in config.key or "contraction" in config.key):
-                        continue  # deterministic tables only (the predictor and contraction are off on ancestral steps)
+                    if inputs != "generated" and ("lam" in config.key or "pred" in config.key):
+                        continue  # lambda and predictor tables: generated images only
+                    if ancestral and "contraction" in config.key:
+                        continue  # contraction is off on ancestral steps
                     if progress is not None:
-                        progress(f"{name} {family} {steps} {'ancestral ' if ancestral else ''}{config.key}")
+                        progress(f"{name} {family} {steps} {inputs} {config.key}")
                     record = {"model": name, "family": family, "steps": steps, "ancestral": ancestral,
-                              "config": config.key}
+                              "data": inputs == "data", "config": config.key}
                     record.update(measure(core, model, sigmas, batches, config))
                     records.append(record)
     return records
 
 
+def _case(r) -> tuple:
+    return r["model"], r["family"], r["steps"], r["ancestral"], r.get("data", False)
+
+
 def _below_ddim(records) -> dict:
     """config -> images more than SLACK_DB below ddim on the same image, per record list."""
-    ddim = {(r["model"], r["family"], r["steps"], r["ancestral"]): r["psnr"] for r in records
-            if r["config"] == "ddim"}
+    ddim = {_case(r): r["psnr"] for r in records if r["config"] == "ddim"}
     out = {}
     for r in records:
         if "psnr" not in r:
             continue
-        base = ddim[(r["model"], r["family"], r["steps"], r["ancestral"])]
+        base = ddim[_case(r)]
         out[id(r)] = sum(1 for a, b in zip(r["psnr"], base) if a < b - SLACK_DB)
     return out
 
@@ -158,7 +175,7 @@ def summary(records, where, title: str, extra_stats: bool = False) -> str:
         calls = np.mean([r["calls_per_step"] for r in ok])
         n_below = sum(below[id(r)] for r in ok)
         cells = [f"{calls:.2f}", f"{psnr.min():.1f}", f"{np.percentile(psnr, 10):.1f}", f"{np.median(psnr):.1f}",
-                 f"{np.median(err):.1e}", f"{n_below} / {len(psnr)}", str(crashes)]
+                 "—" if np.isnan(err).all() else f"{np.nanmedian(err):.1e}", f"{n_below} / {len(psnr)}", str(crashes)]
         if extra_stats:
             cells += [f"{np.median(np.concatenate([r[k] for r in ok])):.3f}" for k in ("std", "kurtosis", "autocorr")]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -172,14 +189,20 @@ def markdown(records, meta) -> str:
              f"`{meta['command']}` — {meta['seconds']:.0f} s (summed over processes), {meta['images']} generated images per model × "
              f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {BATCH}.", ""]
     for name in models:
-        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and r["config"] in main,
+        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and not r.get("data")
+                          and r["config"] in main,
                           f"{name} mixture, deterministic (Euler) inversion, all 4 schedules"), ""]
+    for name in models:
+        if any(r.get("data") and r["model"] == name for r in records):
+            parts += [summary(records, lambda r, n=name: r["model"] == n and r.get("data") and r["config"] in main,
+                              f"{name} mixture, data samples (drawn from the mixture, not generated: no exact "
+                              "inverse; noise error not measurable)"), ""]
     for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["ancestral"],
                           f"{name} mixture, ancestral inversion (eta 1, frozen noise maps)"), ""]
     lam = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" in k]
     for name in models:
-        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"]
+        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and not r.get("data")
                           and r["config"] in ["ddim", "gnri default"] + lam,
                           f"lambda: {name} mixture, deterministic (gnri default: lam "
                           f"{meta['default_lam']:g})", extra_stats=True), ""]
@@ -189,7 +212,7 @@ def markdown(records, meta) -> str:
     for r in records:
         if r["config"] == "gnri default" and "psnr" in r:
             p = np.array(r["psnr"])
-            parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{' anc' if r['ancestral'] else ''} | "
+            parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{' anc' if r['ancestral'] else ''}{' data' if r.get('data') else ''} | "
                          f"{r['calls_per_step']:.2f} | {p.min():.1f} | {np.percentile(p, 10):.1f} | "
                          f"{np.median(p):.1f} | {below[id(r)]} / {len(p)} |")
     return "\n".join(parts) + "\n"

@@ -71,8 +71,12 @@ RECON_TOL = 5e-6
 TRAJ_TOL = 2e-5
 # ddim on the same problems: noise error 0.19 .. 1.07, reconstruction error 0.09 .. 0.63
 DDIM_MIN_NOISE_ERROR = 0.05
-# gnri-secant (2 or default iterations) / ddim reconstruction error: measured <= 0.08
+# gnri-secant (2 or default iterations) / ddim reconstruction error: measured <= 0.08 on
+# generated inputs; on the mixture's data samples (no exact inverse) the default measured
+# 0.28 / 0.36, since it returns its best evaluated iterate where the secant model mispredicts
+# (more robust on the benchmark's tails, docs/benchmark.md)
 GNRI_VS_DDIM = 0.25
+GNRI_VS_DDIM_DATA = 0.5
 # relative residual below which float32 round-off dominates (histories are noise there)
 FLOAT_FLOOR = 1e-6
 # per-sample batch-vs-alone difference when the math is per sample: measured 0 (tol 0)
@@ -238,7 +242,8 @@ def test_gnri_reconstructs_better_than_ddim(cid, method, options, problem, famil
         # the paper's sign-step update only beats the naive inversion modestly (0.2 .. 0.9 x)
         assert err < ddim, f"{cid}: {err:.2e} vs ddim {ddim:.2e}"
     else:
-        bound = GNRI_2_ITERS_VS_DDIM if options.get("max_iters") == 2 else GNRI_VS_DDIM
+        bound = (GNRI_2_ITERS_VS_DDIM if options.get("max_iters") == 2
+                 else GNRI_VS_DDIM_DATA if source == "data" else GNRI_VS_DDIM)
         assert err < bound * ddim, f"{cid}: {err:.2e} vs ddim {ddim:.2e}"
 
 
@@ -1136,3 +1141,30 @@ def test_contraction_must_be_non_negative():
     den, gen = generated("gaussian", "eps")
     with pytest.raises(InversionInputError, match="contraction"):
         invert(den, gen.x0, gen.sigmas, "gnri", "eps", contraction=-0.5)
+
+
+# ---------------------------------------------------------------------------------------
+# the trust_ratio option (step 5 of solve_gnri_secant: the ratio test)
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem,family", CASES, ids=CASE_IDS)
+def test_trust_ratio_keeps_one_iteration_naive_and_two_iterations_as_they_were(problem, family):
+    """The ratio test judges models of two or more secant differences: at 1 and 2 iterations
+    the answer is the same with and without it; at 3 it never costs calls."""
+    assert DEFAULTS["gnri"].trust_ratio == 0.3
+    den, gen = generated(problem, family)
+    for iters in (1, 2):
+        noises = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=iters, trust_ratio=t).noise
+                  for t in (0.0, 0.3)]
+        torch.testing.assert_close(noises[0], noises[1], rtol=0, atol=0)
+    ddim = invert(den, gen.x0, gen.sigmas, "ddim", family).noise
+    one = invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=1).noise
+    torch.testing.assert_close(one, ddim, rtol=0, atol=0)
+    assert (invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0).nfe
+            == invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, trust_ratio=0).nfe)
+
+
+def test_trust_ratio_must_be_non_negative():
+    den, gen = generated("gaussian", "eps")
+    with pytest.raises(InversionInputError, match="trust_ratio"):
+        invert(den, gen.x0, gen.sigmas, "gnri", "eps", trust_ratio=-1)
