@@ -8,6 +8,7 @@ One command, one subcommand per benchmark (all over the one method registry, met
     python -m bench sensitivity       # regeneration's sensitivity to tiny noise errors (sensitivity.py)
     python -m bench edit [--quick]    # editing benchmark on the world models (edit_bench.py)
     python -m bench uses [--quick]    # interpolation and rare-concept seeds on the world models (uses_bench.py)
+    python -m bench recon [--quick]   # reconstruction distributions on the world models (world_recon.py)
     python -m bench diffusers         # cross-checks against diffusers' schedulers (diffusers_check.py)
     python -m bench gpu               # full-size SDXL UNet / Flux transformer timings (needs CUDA; gpu.py)
 
@@ -42,7 +43,7 @@ SMOKE = dict(photo_families=("eps",), photo_steps=(4,), photo_inputs=("gen0",), 
              photo_repeat=1)
 
 
-COMMANDS = ("suite", "tails", "sensitivity", "edit", "uses", "diffusers", "gpu")
+COMMANDS = ("suite", "tails", "sensitivity", "edit", "uses", "recon", "diffusers", "gpu")
 
 
 def parse(argv=None):
@@ -56,7 +57,7 @@ def parse(argv=None):
     p.add_argument("--uses", action="store_true", help="interpolation and rare-concept seeds on the world models")
     p.add_argument("--world-family", help="with --uses: unet, flux or unet,flux (default unet)")
     p.add_argument("--edit", action="store_true", help="editing benchmark on the world models (with --quick/--smoke)")
-    p.add_argument("--family", choices=("unet", "flux"), help="--edit: this world model only (in --out)")
+    p.add_argument("--family", choices=("unet", "flux"), help="edit, recon: this world model only")
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
     p.add_argument("--models", help="tails: comma-separated photo models to run (dct, iso; default both)")
@@ -88,6 +89,9 @@ def main(argv=None):
     if args.command == "uses":
         from . import uses_bench
         sys.exit(uses_bench.main(args))
+    if args.command == "recon":
+        from . import world_recon
+        sys.exit(world_recon.main(args, RESULTS))
     if args.command == "edit":
         from . import edit_bench
         sys.exit(edit_bench.main(args))
