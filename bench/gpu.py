@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 from . import env
@@ -59,30 +58,12 @@ METHODS = [  # (label, method, options); tol 0: exactly 2 model calls per step
 
 
 def _setup(cpu: bool):
-    comfy_path = os.path.abspath(os.environ.get("GNRI_COMFYUI_PATH") or os.path.join(env.ROOT, ".comfyui"))
-    if not os.path.isfile(os.path.join(comfy_path, "main.py")):
-        raise SystemExit(f"No ComfyUI at {comfy_path}: run `bash scripts/test.sh` first (it builds .comfyui/)")
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != comfy_path]
-    sys.path.insert(0, comfy_path)
-    sys.modules.pop("nodes", None)
-    base = tempfile.mkdtemp(prefix="gnri-gpu-bench-")
-    for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
-        os.makedirs(os.path.join(base, sub), exist_ok=True)
-    saved = sys.argv
-    sys.argv = [os.path.join(comfy_path, "main.py"), "--base-directory", base, "--disable-auto-launch"] + (
-        ["--cpu"] if cpu else [])
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args
-        import folder_paths
-        import utils.extra_config
-        import utils.install_util  # noqa: F401
-
-        import nodes  # noqa: F401
-    finally:
-        sys.argv = saved
-    folder_paths._gnri_test_base_dir = base  # comfy_env.setup() now reuses this set-up
+    """ComfyUI in-process (gnri_testing/comfy_env.py), without ``--cpu`` for a CUDA run."""
+    os.environ["GNRI_COMFY_CPU"] = "1" if cpu else "0"
+    from gnri_testing import comfy_env  # noqa: F401  (sets ComfyUI up on import)
+    import comfy.model_management
+    if not cpu and comfy.model_management.cpu_state == comfy.model_management.CPUState.CPU:
+        raise SystemExit("ComfyUI was set up with --cpu in this process; run `python -m bench gpu` on its own")
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
     from gnri_testing import pack_loader

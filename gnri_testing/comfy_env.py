@@ -13,7 +13,8 @@ Import this module before anything that imports ``comfy``, ``nodes``,
   folder instead of ComfyUI's ``nodes.py``;
 * sets ``sys.argv`` to ``--cpu --base-directory <tmp>`` and enables ComfyUI's
   argument parsing before ``comfy.cli_args`` is imported (it parses ``[]``
-  otherwise, and the ComfyUI checkout would be used as base directory);
+  otherwise, and the ComfyUI checkout would be used as base directory); without
+  ``--cpu`` when ``GNRI_COMFY_CPU=0`` (``python -m bench gpu`` sets it for a CUDA run);
 * runs torch single-threaded (``OMP_NUM_THREADS=1`` unless set; also inherited by
   the server subprocess): the tiny test models gain nothing from threads, and on a
   2-core machine shared with another process OpenMP spin-waiting made the suite
@@ -45,6 +46,11 @@ COMFYUI_PATH: str = os.path.abspath(
 BASE_DIR: str | None = None  # the temporary ComfyUI base directory, once set up
 
 _ready = False
+
+
+def wants_cpu() -> bool:
+    """ComfyUI runs with ``--cpu`` unless ``GNRI_COMFY_CPU=0``."""
+    return os.environ.get("GNRI_COMFY_CPU", "1") != "0"
 
 
 def _check_comfyui(path: str) -> None:
@@ -98,8 +104,8 @@ def setup() -> str:
 
     # cli_args parses sys.argv at import time, only if parsing was enabled.
     saved_argv = sys.argv
-    sys.argv = [os.path.join(COMFYUI_PATH, "main.py"), "--cpu", "--base-directory", BASE_DIR,
-                "--disable-auto-launch"]
+    sys.argv = [os.path.join(COMFYUI_PATH, "main.py"), "--base-directory", BASE_DIR, "--disable-auto-launch"] + (
+        ["--cpu"] if wants_cpu() else [])
     try:
         import comfy.options
 
