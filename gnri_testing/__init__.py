@@ -8,7 +8,9 @@
 * ``pack_loader``: the repo root imported as the package ``gnri_pack``, as ComfyUI
   loads a custom node folder;
 * ``diffusers_cases``: tiny diffusers models, diffusers' own loops and the
-  comparisons (needs diffusers).
+  comparisons (needs diffusers);
+* ``comfy_server``: a real ComfyUI server subprocess and its HTTP client (the tests'
+  server fixture and ``scripts/demo.py``).
 
 Import them from the repo root (``python -m pytest``, ``python -m bench``; pytest.ini
 has ``pythonpath = .``).  ComfyUI never imports this package: the pack's

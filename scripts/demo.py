@@ -31,8 +31,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from comfy_server import ComfyServer
+sys.path.insert(0, ROOT)  # run as a script: the repo root, for gnri_testing
+from gnri_testing.comfy_server import ComfyServer  # noqa: E402
 
 SOURCE = "a red circle on a blue background"
 TARGET = "a yellow circle on a blue background"

@@ -35,8 +35,7 @@ import pytest
 from gnri_testing import comfy_env  # noqa: E402  (first: makes ComfyUI importable)
 from gnri_testing import tiny_models
 
-sys.path.insert(0, os.path.join(comfy_env.REPO_ROOT, "scripts"))
-from comfy_server import ComfyServer, ServerError  # noqa: E402,F401  (ServerError: for tests)
+from gnri_testing.comfy_server import ComfyServer, ServerError  # noqa: E402,F401  (ServerError: for tests)
 
 REPO_ROOT = comfy_env.REPO_ROOT
 TESTING_PACK_DIR = comfy_env.TESTING_PACK_DIR

@@ -1,6 +1,6 @@
 """A real ComfyUI server subprocess and a small HTTP client for it (used by
 ``scripts/demo.py``, and by the tests through ``tests/conftest.py``, which only swaps
-in its own error types).
+in its own error types). Imports nothing of ComfyUI: it talks to it over HTTP.
 
     server = ComfyServer.start(comfyui_path, base_dir, custom_nodes={"ComfyUI-GNRI": REPO_ROOT})
     entry = server.run(prompt)          # POST /prompt, poll /history
