@@ -324,7 +324,7 @@ def executor(comfy_nodes) -> ComfyExecutor:
 
 class ComfyClient(ComfyServer):
     """A running ``python main.py`` (real ComfyUI server) and its HTTP client
-    (``scripts/comfy_server.py``), raising the tests' error types."""
+    (``gnri_testing/comfy_server.py``), raising the tests' error types."""
 
     CLIENT_PREFIX = "gnri-tests-"
 
