@@ -1,11 +1,11 @@
 """Reconstruction on the trained world models: per-image distributions.
 
-    python -m bench recon            # 160 scenes per world model -> bench/results/recon/
+    python -m bench recon            # 160 scenes per world model, 4 and 20 steps -> bench/results/recon/
     python -m bench recon --quick    # 16 scenes, printed only
 
 Each scene (``gnri_world.scenes``, rendered and encoded as the nodes see it) is inverted
-with its own caption at cfg 1 on the family's 4-step schedule (UNet ``normal``, Flux
-``simple``), then sampled back through Prompt Swap Edit at strength 0 (the same caption,
+with its own caption at cfg 1 on the family's 4- and 20-step schedules (UNet ``normal``,
+Flux ``simple``; 20 is what the world ships with), then sampled back through Prompt Swap Edit at strength 0 (the same caption,
 cfg 1, no mask): the round trip an artist runs when nothing is changed. Per method: model
 calls per step, min / 10th percentile / median PSNR of the whole image (pixels in [0, 1])
 and the count of scenes more than 1 dB below ``ddim``. The scenes are the world's own
@@ -22,7 +22,7 @@ import torch
 
 from . import env, metrics
 
-STEPS = 4
+STEPS = (4, 20)
 SEEDS = {"unet": 77, "flux": 78}
 FULL = dict(scenes=160)
 QUICK = dict(scenes=16)
@@ -36,25 +36,25 @@ ROWS = (  # (label, method, core options)
 SLACK_DB = 1.0
 
 
-def measure(world, x0, images, positive, method: str, options: dict) -> dict:
+def measure(world, x0, images, positive, method: str, options: dict, steps: int) -> dict:
     """Per-scene PSNR of the round trip and model calls per step for one row."""
     from gnri_world import latent
     world.clock.reset()
-    ascending = world.sigmas(STEPS)
+    ascending = world.sigmas(steps)
     with torch.no_grad():
         if method == "native":
             inversion = world.native(x0, positive, ascending)
         else:
             _, inversion = world.glue.invert_latent(world.model, positive, None, {"samples": x0}, ascending, 1.0,
                                                     method, **options)
-        calls = world.clock.per_image(x0.shape[0]) / STEPS
+        calls = world.clock.per_image(x0.shape[0]) / steps
         out, _ = world.edit.prompt_swap_edit(world.model, inversion, positive, positive, 0.0, 1.0, "source", 0,
                                              None, 0.0)
     rec = latent.decode(out["samples"].float().cpu(), world.family)
     return {"psnr": [metrics.psnr(rec[i], images[i], 1.0) for i in range(len(images))], "calls_per_step": calls}
 
 
-def run(pack, family: str, scenes_n: int) -> list[dict]:
+def run(pack, family: str, scenes_n: int, steps_list=STEPS) -> list[dict]:
     from gnri_world import latent, scenes
     from .edit_bench import World
     world = World(pack, family)
@@ -62,14 +62,15 @@ def run(pack, family: str, scenes_n: int) -> list[dict]:
     images = scenes.render_batch(picked)
     x0 = latent.encode(images, family)
     positive = world.conditioning([s.caption() for s in picked])
-    return [dict(family=family, label=label, **measure(world, x0, images, positive, method, options))
-            for label, method, options in ROWS]
+    return [dict(family=family, steps=steps, label=label,
+                 **measure(world, x0, images, positive, method, options, steps))
+            for steps in steps_list for label, method, options in ROWS]
 
 
-def table(records, family: str) -> str:
-    rows = [r for r in records if r["family"] == family]
+def table(records, family: str, steps: int) -> str:
+    rows = [r for r in records if r["family"] == family and r["steps"] == steps]
     ddim = next(r["psnr"] for r in rows if r["label"] == "ddim")
-    lines = [f"**world {family}, {STEPS} steps, {len(ddim)} scenes**", "",
+    lines = [f"**world {family}, {steps} steps, {len(ddim)} scenes**", "",
              "| method | calls/step | min | p10 | median | > 1 dB below ddim |", "|---" * 6 + "|"]
     for r in rows:
         p = np.array(r["psnr"])
@@ -90,7 +91,7 @@ def main(args, results_dir: str) -> int:
     command = "python -m bench recon" + (" --quick" if args.quick else "")
     text = "\n\n".join([f"# Reconstruction on the world models\n\n`{command}` — {seconds:.0f} s, "
                         f"Prompt Swap Edit at strength 0 after each inversion (cfg 1), PSNR of the whole image."]
-                       + [table(records, f) for f in dict.fromkeys(r["family"] for r in records)]) + "\n"
+                       + [table(records, f, n) for f, n in dict.fromkeys((r["family"], r["steps"]) for r in records)]) + "\n"
     print(text)
     if not args.quick:
         out = args.out or os.path.join(results_dir, "recon")

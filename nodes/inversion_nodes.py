@@ -19,6 +19,7 @@ SAMPLERS = {"euler": {}, "euler_ancestral": {"ancestral": True}}
 
 NEWTON_FORMS = {
     "secant": {"update": "secant"},
+    "secant_last_step": {"update": "secant", "trust_ratio": 0.0},
     "paper_detached": {"update": "paper", "gradient": "detached"},
     "paper_autograd": {"update": "paper", "gradient": "autograd"},
 }
@@ -44,9 +45,11 @@ def solver_inputs():
                                 "with frozen noise maps (ComfyUI's euler_ancestral with the same noise seed "
                                 "regenerates exactly).")),
         io.Combo.Input("newton_form", options=list(NEWTON_FORMS), default="secant",
-                       tooltip=("gnri/newton update: secant Jacobian (default); the paper's scalar update "
-                                "with the reference code's detached gradient; or with the gradient "
-                                "through the network (one backward pass per iteration).")),
+                       tooltip=("gnri/newton update: secant Jacobian (default); secant_last_step: the same, "
+                                "always returning its last Newton step (more exact on smooth models, more "
+                                "mode flips on sharply multi-modal ones); the paper's scalar update with the "
+                                "reference code's detached gradient; or with the gradient through the network "
+                                "(one backward pass per iteration).")),
     ]
 
 

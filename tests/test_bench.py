@@ -136,10 +136,10 @@ def test_world_reconstruction_bench_measures_every_row():
     """``python -m bench recon`` on 2 scenes of the world UNet: a PSNR per scene for every
     row; gnri beats naive inversion on the trained model."""
     from bench import env, world_recon
-    records = world_recon.run(env.setup(), "unet", 2)
+    records = world_recon.run(env.setup(), "unet", 2, steps_list=(4,))
     assert [r["label"] for r in records] == [row[0] for row in world_recon.ROWS]
     assert all(len(r["psnr"]) == 2 for r in records)
     by = {r["label"]: r for r in records}
     assert all(g > d + 3 for g, d in zip(by["gnri default"]["psnr"], by["ddim"]["psnr"]))
     assert by["gnri default"]["calls_per_step"] <= 3
-    assert "| gnri default |" in world_recon.table(records, "unet")
+    assert "| gnri default |" in world_recon.table(records, "unet", 4)

@@ -286,3 +286,12 @@ def test_roundtrip_through_http_server(comfy_server, family):
     stats = entry["outputs"]["stats"]["gnri_stats"][0]
     assert stats["finite"] and stats["rel_rms"] < 1e-3, stats
     assert "model calls" in " ".join(map(str, entry["outputs"]["invert"]["text"]))
+
+
+def test_newton_form_secant_last_step_is_the_core_option():
+    """``secant_last_step`` is the secant update with ``trust_ratio=0`` (step 5's ratio test off)."""
+    from gnri_testing import pack_loader
+    nodes = pack_loader.pack_module().nodes.inversion_nodes
+    options = nodes.solver_options("gnri", 3, 1e-4, 1.0, "euler", "secant_last_step")
+    assert options["update"] == "secant" and options["trust_ratio"] == 0.0
+    assert "trust_ratio" not in nodes.solver_options("gnri", 3, 1e-4, 1.0, "euler", "secant")
