@@ -212,7 +212,8 @@ def markdown(records, meta) -> str:
     for r in records:
         if r["config"] == "gnri default" and "psnr" in r:
             p = np.array(r["psnr"])
-            parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{' anc' if r['ancestral'] else ''}{' data' if r.get('data') else ''} | "
+            tag = " anc" if r["ancestral"] else " data" if r.get("data") else ""
+            parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{tag} | "
                          f"{r['calls_per_step']:.2f} | {p.min():.1f} | {np.percentile(p, 10):.1f} | "
                          f"{np.median(p):.1f} | {below[id(r)]} / {len(p)} |")
     return "\n".join(parts) + "\n"

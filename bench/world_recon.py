@@ -5,8 +5,8 @@
 
 Each scene (``gnri_world.scenes``, rendered and encoded as the nodes see it) is inverted
 with its own caption at cfg 1 on the family's 4- and 20-step schedules (UNet ``normal``,
-Flux ``simple``; 20 is what the world ships with), then sampled back through Prompt Swap Edit at strength 0 (the same caption,
-cfg 1, no mask): the round trip an artist runs when nothing is changed. Per method: model
+Flux ``simple``; 20 is what the world ships with), then sampled back through Prompt Swap
+Edit at strength 0 (the same caption, cfg 1, no mask): the round trip an artist runs when nothing is changed. Per method: model
 calls per step, min / 10th percentile / median PSNR of the whole image (pixels in [0, 1])
 and the count of scenes more than 1 dB below ``ddim``. The scenes are the world's own
 photos, not images the few-step sampler generated: no exact inverse is guaranteed.
@@ -91,7 +91,8 @@ def main(args, results_dir: str) -> int:
     command = "python -m bench recon" + (" --quick" if args.quick else "")
     text = "\n\n".join([f"# Reconstruction on the world models\n\n`{command}` — {seconds:.0f} s, "
                         f"Prompt Swap Edit at strength 0 after each inversion (cfg 1), PSNR of the whole image."]
-                       + [table(records, f, n) for f, n in dict.fromkeys((r["family"], r["steps"]) for r in records)]) + "\n"
+                       + [table(records, family, steps)
+                          for family, steps in dict.fromkeys((r["family"], r["steps"]) for r in records)]) + "\n"
     print(text)
     if not args.quick:
         out = args.out or os.path.join(results_dir, "recon")

@@ -303,8 +303,8 @@ class BestSoFar:
         self.relative = torch.where(improved, relative, self.relative)
         self.z, self.fz = torch.where(keep, z, self.z), torch.where(keep, fz, self.fz)
         for key, value in extra.items():
-            kept = torch.where(per_sample(improved, value), value, self.extra[key]) if key in self.extra else value
-            self.extra[key] = kept
+            old = self.extra.get(key, value)
+            self.extra[key] = torch.where(per_sample(improved, value), value, old)
         return improved
 
 
