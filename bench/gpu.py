@@ -60,14 +60,13 @@ METHODS = [  # (label, method, options); tol 0: exactly 2 model calls per step
 def _setup(cpu: bool):
     """ComfyUI in-process (gnri_testing/comfy_env.py), without ``--cpu`` for a CUDA run."""
     os.environ["GNRI_COMFY_CPU"] = "1" if cpu else "0"
-    from gnri_testing import comfy_env  # noqa: F401  (sets ComfyUI up on import)
+    pack = env.setup()
     import comfy.model_management
     if not cpu and comfy.model_management.cpu_state == comfy.model_management.CPUState.CPU:
         raise SystemExit("ComfyUI was set up with --cpu in this process; run `python -m bench gpu` on its own")
     import comfy.utils
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    from gnri_testing import pack_loader
-    return pack_loader.pack_module()
+    return pack
 
 
 def init_random(module, dtype, device):

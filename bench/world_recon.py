@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import env, metrics
+from .edit_bench import Config, World
 
 STEPS = (4, 20)
 SEEDS = {"unet": 77, "flux": 78}
@@ -34,6 +35,7 @@ ROWS = (  # (label, method, core options)
     ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
 )
 SLACK_DB = 1.0
+ROUND_TRIP = Config(strength=0.0, edit_cfg=1.0, mask="none")  # Prompt Swap Edit: the same caption, cfg 1
 
 
 def measure(world, x0, images, positive, method: str, options: dict, steps: int) -> dict:
@@ -48,15 +50,13 @@ def measure(world, x0, images, positive, method: str, options: dict, steps: int)
             _, inversion = world.glue.invert_latent(world.model, positive, None, {"samples": x0}, ascending, 1.0,
                                                     method, **options)
         calls = world.clock.per_image(x0.shape[0]) / steps
-        out, _ = world.edit.prompt_swap_edit(world.model, inversion, positive, positive, 0.0, 1.0, "source", 0,
-                                             None, 0.0)
-    rec = latent.decode(out["samples"].float().cpu(), world.family)
+    samples, _ = world.prompt_swap(ROUND_TRIP, inversion, positive, positive, None)
+    rec = latent.decode(samples, world.family)
     return {"psnr": [metrics.psnr(rec[i], images[i], 1.0) for i in range(len(images))], "calls_per_step": calls}
 
 
 def run(pack, family: str, scenes_n: int, steps_list=STEPS) -> list[dict]:
     from gnri_world import latent, scenes
-    from .edit_bench import World
     world = World(pack, family)
     picked = scenes.sample_scenes(scenes_n, seed=SEEDS[family])
     images = scenes.render_batch(picked)

@@ -303,8 +303,7 @@ class BestSoFar:
         self.relative = torch.where(improved, relative, self.relative)
         self.z, self.fz = torch.where(keep, z, self.z), torch.where(keep, fz, self.fz)
         for key, value in extra.items():
-            old = self.extra.get(key, value)
-            self.extra[key] = torch.where(per_sample(improved, value), value, old)
+            self.extra[key] = torch.where(keep, value, self.extra[key]) if key in self.extra else value
         return improved
 
 
@@ -368,7 +367,6 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # step 6
     answer, before = p.z_prev, None  # before: the best residual before the latest evaluation
-    best.extra["at_start"] = torch.ones(batch, dtype=torch.bool, device=device)
 
     def answer_of(z, accepted, valid):  # step 5
         plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
@@ -379,7 +377,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         proven = valid <= 2
         if before is not None:
             proven = proven | (best.relative <= o.trust_ratio * before)
-        fallback = torch.where(per_sample(best.extra["at_start"], z), best.fz, best.z)
+        at_start = (best.z - p.z_prev).flatten(1).abs().amax(1) == 0
+        fallback = torch.where(per_sample(at_start, z), best.fz, best.z)
         return torch.where(per_sample(trusted & proven, z), z, fallback)
 
     for iteration in range(o.max_iters):
@@ -396,8 +395,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             if o.max_iters > 1:
                 reject = batch_norm2(r) > batch_norm2(z - p.z_prev)
         accepted = (objective < best.objective * NONMONOTONE) & ~reject
-        improved = best.update(objective, relative, z, fz, allowed=~reject, denoised=denoised,
-                               at_start=(z - p.z_prev).flatten(1).abs().amax(1) == 0)
+        improved = best.update(objective, relative, z, fz, allowed=~reject, denoised=denoised)
         history.append(float(torch.where(reject, relative, best.relative).max()))
         if converged(best.relative, o.tol):
             accepted = torch.zeros_like(accepted)
