@@ -36,10 +36,11 @@ from .photo_model import PhotoMixture
 MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
 SCHEDULES = (("eps", 4), ("eps", 10), ("flow", 4), ("flow", 10))
 BATCH = 4
-FULL = dict(images=100, ancestral_images=40, lams=(0.0, 10.0),
+FULL = dict(images=100, ancestral_images=40, lams=(0.0, 1.0, 10.0),
             runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("fixed_point", 3)))
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
+PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0}  # before the spectral step
 INPUTS = ("generated", "ancestral", "data")  # deterministic on generated images, ancestral, deterministic on data
 
 
@@ -60,6 +61,9 @@ def configs(core, mode: dict) -> list:
         out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0)))
     out.append(Config("gnri default ×1", "gnri", {"max_iters": 1}))
     out.append(Config("gnri default, contraction 0.5", "gnri", {"contraction": 0.5}))
+    out.append(Config("gnri default, scalar jacobian", "gnri", {"jacobian": "scalar"}))
+    out.append(Config("gnri default, anchor forward_mean", "gnri", {"anchor": "forward_mean"}))
+    out.append(Config("previous default (scalar, forward mean, λ 1)", "gnri", PREVIOUS_DEFAULT))
     out += [Config(f"gnri default, lam {lam:g}", "gnri", {"lam": lam}) for lam in mode["lams"]]
     return out
 

@@ -139,6 +139,18 @@ class StepProblem:
         have slope sigma/sigma', content directions 1 (EPS) or (1 - sigma)/(1 - sigma') (flow)."""
         return max(self.sigma / self.sigma_next, 1e-2), float(self.slope(self.max_gain()))
 
+    def clean_power(self, power: torch.Tensor) -> torch.Tensor:
+        """Data variance per Fourier mode from the power of a latent at sigma (noise removed):
+        EPS c = P - s^2, flow c = (P - s^2) / (1 - s)^2 (floored at 1e-8)."""
+        s = self.sigma
+        scale = (1 - s) ** 2 if self.family == "flow" else 1.0
+        return ((power - s ** 2) / max(scale, 1e-6)).clamp_min(1e-8)
+
+    def spectral_slope(self, data_power: torch.Tensor) -> torch.Tensor:
+        """dr/dz per Fourier mode for Gaussian data of that power, within ``slope_bounds``."""
+        low, high = self.slope_bounds()
+        return self.slope(self.denoiser_gain(data_power)).clamp(low, high)
+
     def slope(self, gain: torch.Tensor) -> torch.Tensor:
         """dr/dz for a denoiser gain dD/dz."""
         return self.sigma / self.sigma_next + self.h / self.sigma_next * gain

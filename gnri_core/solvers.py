@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from . import spectrum
 from .autograd import through_inference_tensors
 from .errors import InversionError, InversionInputError
 from .problem import StepProblem, batch_dot, batch_norm2, converged, per_sample, rms, to_d
@@ -22,6 +23,8 @@ GRADIENTS = ("detached", "autograd")
 GUIDANCE_FORMS = ("euler", "ddim")
 UPDATES = ("secant", "paper")
 PREDICTORS = ("euler", "none")
+JACOBIANS = ("spectral", "scalar")
+ANCHORS = ("naive", "forward_mean")
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,9 @@ class SolverOptions:
     tol:              stop early once every relative residual is below this (0: never).
     lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G and, for the
                       secant update, in its least squares
-                      ||r||^2 + lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu))
-                      (see solve_gnri_secant).
+                      ||r||^2 + lambda rms(r_k)^2 ||z - a||^2 / max(beta, ms(z_k - a))
+                      toward the anchor a (``anchor``; ``ANCESTRAL_PULL`` times stronger on
+                      ancestral steps; see solve_gnri_secant). 0: unguided.
     eta_floor:        GNRI (paper update) floor eta on |dF/dz_j| in the Newton denominator
                       (not ``eta``: ``invert``'s ``eta`` is the ancestral noise amount).
     gradient:         GNRI dF/dz: "detached" (reference code, model output held
@@ -62,6 +66,15 @@ class SolverOptions:
                       (no extra model call; dropped when its residual exceeds its move);
                       "none": z_prev (more robust on the mixture tails before step 5's ratio
                       test, less exact on the real networks, docs/benchmark.md).
+    jacobian:         GNRI secant, first Newton step of a step: "spectral" (default) dr/dz
+                      diagonal in Fourier space, Gaussian data with the input latent's radially
+                      averaged power spectrum (``spectrum.py``; other latent shapes and the
+                      step from sigma 0: scalar);
+                      "scalar": one slope for every direction (the previous default).
+    anchor:           GNRI secant, where the guidance pulls: "naive" (default) the naive
+                      inversion step (the Euler predictor, else f(z_prev) once evaluated);
+                      "forward_mean": the paper's mean of q(z' | z_prev), on deterministic
+                      steps only (the previous default).
     trust_ratio:      GNRI secant, step 5: on deterministic steps, the last Newton step of a
                       model spanning two or more secant differences is returned unevaluated
                       only if the last evaluated Newton step cut the best residual to at most
@@ -74,7 +87,7 @@ class SolverOptions:
 
     max_iters: int = 2
     tol: float = 1e-4
-    lam: float = 1.0
+    lam: float = 0.3
     eta_floor: float = 1e-3
     gradient: str = "detached"
     guidance: str = "euler"
@@ -86,6 +99,8 @@ class SolverOptions:
     predictor: str = "euler"
     contraction: float = 0.0
     trust_ratio: float = 0.3
+    jacobian: str = "spectral"
+    anchor: str = "naive"
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
@@ -101,6 +116,10 @@ class SolverOptions:
             raise InversionInputError(f"guidance must be one of {GUIDANCE_FORMS}, got {self.guidance!r}")
         if self.update not in UPDATES:
             raise InversionInputError(f"update must be one of {UPDATES}, got {self.update!r}")
+        if self.jacobian not in JACOBIANS:
+            raise InversionInputError(f"jacobian must be one of {JACOBIANS}, got {self.jacobian!r}")
+        if self.anchor not in ANCHORS:
+            raise InversionInputError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if self.predictor not in PREDICTORS:
             raise InversionInputError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if int(self.window) < 1 or int(self.renoise_average) < 1:
@@ -280,6 +299,9 @@ def solve_gnri(p: StepProblem, o: SolverOptions) -> StepResult:
 
 NONMONOTONE = 10.0  # GNRI secant keeps iterating from iterates with F < 10 * F_best
 GUIDE_RADIUS = 3.0  # ... and trusts an unevaluated step within 3 sqrt(beta D) of mu
+ANCESTRAL_PULL = 100.0  # ... pulls 100x harder on ancestral steps (ill-posed: dr/dz ~ sigma_down / sigma')
+ANCESTRAL_FADE = 0.3  # ... for two iterations, then 0.3x per iteration, within a budget of
+ANCESTRAL_BUDGET = 4  # ... up to 4 iterations; larger budgets aim at the exact root: 0.1x per iteration
 
 
 class BestSoFar:
@@ -307,6 +329,20 @@ class BestSoFar:
         return improved
 
 
+def _spectral_slope(p: StepProblem):
+    """dr/dz per Fourier mode (``spectrum.py``) for the latent's data power spectrum, estimated
+    on the first step from z_prev with its noise removed and carried; None for latents that
+    are not images or videos, and on a step from sigma = 0 (it solves D(z, sigma') = x0, whose
+    weak modes the model's gain would amplify up to 100x into the noise: measured to make
+    masked Flux edits fail more often, docs/benchmark.md)."""
+    if not spectrum.supported(p.z_prev):
+        return None
+    power = p.carry.get("data_power")
+    if power is None or power.shape[0] != p.z_prev.shape[0]:
+        power = p.carry["data_power"] = p.clean_power(spectrum.radial_power(p.z_prev))
+    return None if p.sigma == 0 else p.spectral_slope(power)
+
+
 def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     """GNRI with a secant Jacobian (the default). K iterations = K model calls:
 
@@ -315,21 +351,31 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        iteration or ``predictor="none"``: z_prev). [Euler/DDIM predictor, as in predictor-corrector ODE
        solvers.]
     2. Evaluate r(z) = z - f(z) (one call) and the GNRI objective F = ||r||_1 + lambda G(z),
-       G = ||z - mu|| (/ beta). [Samuel et al., GNRI.] Keep the best evaluated iterate.
+       G = ||z - a|| (/ beta) with a the anchor of step 4. [Samuel et al., GNRI.] Keep the
+       best evaluated iterate.
     3. Safeguard: the predictor is rejected where its residual exceeds its move; an iterate
        with F > ``NONMONOTONE`` F_best is rejected and its sample restarts from the best
        iterate with the fixed-point step, halved per rejection in a row. [Non-monotone line
        search, Grippo-Lampariello-Lucidi 1986; fixed-point step of Meiri et al./AIDI.]
     4. Newton step z - J^-1 r with J = dr/dz = (sigma/sigma') I + (h/sigma') dD/dz:
-       first J = a I with a from the previous step's slope (Gaussian-data denoiser gain
-       model, ``denoiser_gain``); once two iterates exist, the multisecant (Anderson
-       type-II) step (``multisecant_step``). Both minimise the linear model of ||r||^2 plus
-       the guidance term lambda rms(r_k)^2 ||z - mu||^2 / max(beta, ms(z_k - mu)), a pull
-       toward the forward-process mean that fades as the residual r_k vanishes (the root
-       stays exact) and never outweighs the residual (ms: mean square); not on ancestral
-       steps (frozen noise maps), where it made the inversion diverge.
-       [Newton-Raphson; Anderson 1965 / Fang-Saad multisecant; GNRI guidance.] The slope carried to the next step is |dr|^2 / <dr, dz>
-       [Barzilai-Borwein, second form], bounded by ``slope_bounds``.
+       first J from Gaussian data (``denoiser_gain``): per Fourier mode with the latent's
+       own power spectrum (``jacobian="spectral"``, ``spectrum.py``: about 1 on the image's
+       strong low frequencies, sigma/sigma' on its weak high ones) or one slope a I carried
+       from the previous step; once two iterates exist, the multisecant (Anderson type-II)
+       step (``multisecant_step``). Both minimise the linear model of ||r||^2 plus the
+       guidance term w ||z - a||^2, w = lambda rms(r_k)^2 / max(beta, ms(z_k - a)): a pull
+       that fades as the residual r_k vanishes (the root stays exact) and never outweighs
+       the residual (ms: mean square). Its anchor a (``anchor="naive"``) is naive
+       inversion's answer: the Euler predictor of step 1, else f(z_prev) once evaluated; so
+       directions the residual barely determines stay where naive inversion put them
+       (``"forward_mean"``: the paper's mu, deterministic steps only). On ancestral steps,
+       ill-posed (dr/dz ~ sigma_down/sigma' on noise directions), the pull is
+       ``ANCESTRAL_PULL`` times stronger for two iterations, then fades by ``ANCESTRAL_FADE``
+       per iteration; budgets above ``ANCESTRAL_BUDGET`` iterations aim at the exact root and
+       fade it by 0.1 per iteration from the first.
+       [Newton-Raphson; Wiener filter; Anderson 1965 / Fang-Saad multisecant; GNRI guidance;
+       Levenberg-Marquardt damping that vanishes with the residual.] The slope carried to the
+       next step is |dr|^2 / <dr, dz> [Barzilai-Borwein, second form], within ``slope_bounds``.
     5. Return the last Newton step, unevaluated, only where the model behind it has earned
        trust: it came from the multisecant model (two evaluated iterates), the last iterate
        was accepted, the step lies within ``GUIDE_RADIUS`` sqrt(beta D) of mu (where
@@ -350,11 +396,13 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     """
     mu, g_scale = _guidance(p, o)
     _, beta = p.guidance_mean_var()
+    anchor = mu  # where the guidance pulls (step 4)
     low, high = p.slope_bounds()
     variance = p.carry.get("data_variance")
     if variance is None:  # first step: the latent's own second moment
         variance = p.z_prev.flatten(1).pow(2).mean(1)
     slope = p.slope(p.denoiser_gain(variance)).clamp(low, high)
+    spectral = _spectral_slope(p) if o.jacobian == "spectral" else None
     batch, device = p.z_prev.shape[0], p.z_prev.device
     best = BestSoFar(p.z_prev)
     damping = torch.ones(batch, device=device)  # restart step length, halved per rejection in a row
@@ -365,6 +413,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
                  and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
     if predicted:  # step 1
         z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
+        if o.anchor == "naive":
+            anchor = z
+    from_z_prev = not predicted
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # step 6
     answer, before = p.z_prev, None  # before: the best residual before the latest evaluation
 
@@ -387,7 +438,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         denoised = p.denoised(z)  # step 2
         fz = p.fixed_point_map(z, denoised)
         r = z - fz
-        objective = _guided_objective(o, z, r, mu, g_scale)
+        if iteration == 0 and from_z_prev and o.anchor == "naive":
+            anchor = fz  # naive inversion's answer f(z_prev)
+        objective = _guided_objective(o, z, r, anchor, g_scale)
         relative = p.relative(r)
         reject = torch.zeros(batch, dtype=torch.bool, device=device)
         if predicted:  # step 3: it moved z_prev by about r(z_prev); a larger residual made things worse
@@ -403,11 +456,24 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]  # step 4
         valid = (valid + 1).clamp_max(len(zs))
         # guidance weight: fades as r -> 0 (the root stays exact) and never outweighs ||r||^2;
-        # off on ancestral steps (with it, a tiny EPS model's 8-iteration inversion diverged)
-        lam = 0.0 if p.frozen_noise else o.lam
-        pull = (mu, lam * rms(r).pow(2) / rms(z - mu).pow(2).clamp_min(max(beta, 1e-12)))
-        single = z - (per_sample(slope, z) * r + per_sample(pull[1], z) * (z - mu)) / per_sample(
-            slope ** 2 + pull[1], z)  # Newton with the scalar slope, guided
+        # on ancestral steps ANCESTRAL_PULL times stronger toward naive inversion's answer, fading
+        # after two iterations (toward the forward mean there, a tiny EPS model's 8-iteration
+        # inversion diverged: off)
+        if p.frozen_noise:
+            fade = (ANCESTRAL_FADE ** max(0, iteration - 1) if o.max_iters <= ANCESTRAL_BUDGET
+                    else 0.1 ** iteration)
+            lam = o.lam * ANCESTRAL_PULL * fade if o.anchor == "naive" else 0.0
+        else:
+            lam = o.lam
+        weight = lam * rms(r).pow(2) / rms(z - anchor).pow(2).clamp_min(max(beta, 1e-12))
+        pull = (anchor, weight)
+        if spectral is None:  # Newton with the scalar slope, guided
+            single = z - (per_sample(slope, z) * r + per_sample(weight, z) * (z - anchor)) / per_sample(
+                slope ** 2 + weight, z)
+        else:  # ... with the spectral slope: per Fourier mode
+            w = weight.view(-1, *([1] * (spectral.ndim - 1)))
+            single = z - spectrum.apply(spectral / (spectral ** 2 + w), r) - spectrum.apply(
+                w / (spectral ** 2 + w), z - anchor)
         newton = multisecant_step(zs, gs, o.ridge, valid, pull)
         newton = torch.where(per_sample(valid > 1, z), newton, single)
         if len(zs) > 1:  # the secant slope along the last step, for the next sigma's prior

@@ -39,7 +39,9 @@ def solver_inputs():
                        tooltip="Stop a step early once its relative residual is below this (0: never)."),
         io.Float.Input("lam", default=gnri.lam, min=0.0, max=100.0, step=0.01, round=False,
                        display_name="λ (guidance)",
-                       tooltip="GNRI guidance weight: keeps the solution near the forward-process mean."),
+                       tooltip=("GNRI guidance weight: pulls what the model barely determines toward naive "
+                                "inversion's answer (0: unguided). Larger: fewer images that come back worse "
+                                "than naive inversion, less exact ones; ancestral steps are pulled harder.")),
         io.Combo.Input("sampler", options=list(SAMPLERS), default="euler",
                        tooltip=("The sampler that regenerates: euler (deterministic, = DDIM) or euler_ancestral "
                                 "with frozen noise maps (ComfyUI's euler_ancestral with the same noise seed "
