@@ -25,6 +25,8 @@ UPDATES = ("secant", "paper")
 PREDICTORS = ("euler", "none")
 JACOBIANS = ("spectral", "scalar")
 ANCHORS = ("naive", "forward_mean")
+CHOICES = {"gradient": GRADIENTS, "guidance": GUIDANCE_FORMS, "update": UPDATES,
+           "jacobian": JACOBIANS, "anchor": ANCHORS, "predictor": PREDICTORS}  # option -> allowed values
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,9 @@ class SolverOptions:
                       only if the last evaluated Newton step cut the best residual to at most
                       this fraction; otherwise the best evaluated iterate. 0: the previous
                       rule (always the Newton step where a multisecant model exists): more
-                      exact on the trained world UNet (4-step round trip median 28.3 dB
-                      against 22.8, ``python -m bench recon``), 5x more images below naive
-                      inversion on the mixture tails (docs/benchmark.md).
+                      exact on the trained world UNet (4-step round trip median 35.4 dB
+                      against 32.4, ``python -m bench recon``), 5x more images below naive
+                      inversion on the mixture tails (56 against 10 of 800, docs/benchmark.md).
     """
 
     max_iters: int = 2
@@ -110,18 +112,9 @@ class SolverOptions:
                 f"tol, lam, eta_floor, contraction and trust_ratio must be >= 0, got tol={self.tol}, "
                 f"lam={self.lam}, eta_floor={self.eta_floor}, contraction={self.contraction}, "
                 f"trust_ratio={self.trust_ratio}")
-        if self.gradient not in GRADIENTS:
-            raise InversionInputError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
-        if self.guidance not in GUIDANCE_FORMS:
-            raise InversionInputError(f"guidance must be one of {GUIDANCE_FORMS}, got {self.guidance!r}")
-        if self.update not in UPDATES:
-            raise InversionInputError(f"update must be one of {UPDATES}, got {self.update!r}")
-        if self.jacobian not in JACOBIANS:
-            raise InversionInputError(f"jacobian must be one of {JACOBIANS}, got {self.jacobian!r}")
-        if self.anchor not in ANCHORS:
-            raise InversionInputError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
-        if self.predictor not in PREDICTORS:
-            raise InversionInputError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise InversionInputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if int(self.window) < 1 or int(self.renoise_average) < 1:
             raise InversionInputError("window and renoise_average must be >= 1")
         return self
@@ -301,7 +294,8 @@ NONMONOTONE = 10.0  # GNRI secant keeps iterating from iterates with F < 10 * F_
 GUIDE_RADIUS = 3.0  # ... and trusts an unevaluated step within 3 sqrt(beta D) of mu
 ANCESTRAL_PULL = 100.0  # ... pulls 100x harder on ancestral steps (ill-posed: dr/dz ~ sigma_down / sigma')
 ANCESTRAL_FADE = 0.3  # ... for two iterations, then 0.3x per iteration, within a budget of
-ANCESTRAL_BUDGET = 4  # ... up to 4 iterations; larger budgets aim at the exact root: 0.1x per iteration
+ANCESTRAL_BUDGET = 4  # ... up to 4 iterations; larger budgets aim at the exact root:
+ANCESTRAL_FADE_LARGE_BUDGET = 0.1  # ... 0.1x per iteration from the first
 
 
 class BestSoFar:
@@ -337,8 +331,8 @@ def _spectral_slope(p: StepProblem):
     masked Flux edits fail more often, docs/benchmark.md)."""
     if not spectrum.supported(p.z_prev):
         return None
-    power = p.carry.get("data_power")
-    if power is None or power.shape[0] != p.z_prev.shape[0]:
+    power = p.carry.get("data_power")  # carry lives for one inversion: one batch
+    if power is None:
         power = p.carry["data_power"] = p.clean_power(spectrum.radial_power(p.z_prev))
     return None if p.sigma == 0 else p.spectral_slope(power)
 
@@ -372,7 +366,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        ill-posed (dr/dz ~ sigma_down/sigma' on noise directions), the pull is
        ``ANCESTRAL_PULL`` times stronger for two iterations, then fades by ``ANCESTRAL_FADE``
        per iteration; budgets above ``ANCESTRAL_BUDGET`` iterations aim at the exact root and
-       fade it by 0.1 per iteration from the first.
+       fade it by ``ANCESTRAL_FADE_LARGE_BUDGET`` per iteration from the first.
        [Newton-Raphson; Wiener filter; Anderson 1965 / Fang-Saad multisecant; GNRI guidance;
        Levenberg-Marquardt damping that vanishes with the residual.] The slope carried to the
        next step is |dr|^2 / <dr, dz> [Barzilai-Borwein, second form], within ``slope_bounds``.
@@ -461,7 +455,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         # inversion diverged: off)
         if p.frozen_noise:
             fade = (ANCESTRAL_FADE ** max(0, iteration - 1) if o.max_iters <= ANCESTRAL_BUDGET
-                    else 0.1 ** iteration)
+                    else ANCESTRAL_FADE_LARGE_BUDGET ** iteration)
             lam = o.lam * ANCESTRAL_PULL * fade if o.anchor == "naive" else 0.0
         else:
             lam = o.lam
