@@ -40,7 +40,8 @@ FULL = dict(images=100, ancestral_images=40, lams=(0.0, 1.0, 10.0),
             runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("fixed_point", 3)))
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
-PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0}  # before the spectral step
+# the default before the spectral step and the mode-flip guard
+PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0, "flip_ratio": 0.0}
 INPUTS = ("generated", "ancestral", "data")  # deterministic on generated images, ancestral, deterministic on data
 
 
@@ -63,7 +64,8 @@ def configs(core, mode: dict) -> list:
     out.append(Config("gnri default, contraction 0.5", "gnri", {"contraction": 0.5}))
     out.append(Config("gnri default, scalar jacobian", "gnri", {"jacobian": "scalar"}))
     out.append(Config("gnri default, anchor forward_mean", "gnri", {"anchor": "forward_mean"}))
-    out.append(Config("previous default (scalar, forward mean, λ 1)", "gnri", PREVIOUS_DEFAULT))
+    out.append(Config("gnri default, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0}))
+    out.append(Config("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT))
     out += [Config(f"gnri default, lam {lam:g}", "gnri", {"lam": lam}) for lam in mode["lams"]]
     return out
 
@@ -131,7 +133,7 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
                 for config in rows:
                     if inputs != "generated" and ("lam" in config.key or "pred" in config.key):
                         continue  # lambda and predictor tables: generated images only
-                    if ancestral and "contraction" in config.key:
+                    if ancestral and ("contraction" in config.key or "flip_ratio" in config.key):
                         continue  # contraction is off on ancestral steps
                     if progress is not None:
                         progress(f"{name} {family} {steps} {inputs} {config.key}")

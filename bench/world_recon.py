@@ -34,7 +34,8 @@ ROWS = (  # (label, method, core options)
     ("gnri default", "gnri", {}),
     ("gnri, trust_ratio 0 (the previous step 5)", "gnri", {"trust_ratio": 0.0}),
     ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
-    ("previous default (scalar, forward mean, λ 1)", "gnri", PREVIOUS_DEFAULT),
+    ("gnri, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0}),
+    ("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT),
 )
 SLACK_DB = 1.0
 ROUND_TRIP = Config(strength=0.0, edit_cfg=1.0, mask="none")  # Prompt Swap Edit: the same caption, cfg 1

@@ -85,6 +85,11 @@ class SolverOptions:
                       exact on the trained world UNet (4-step round trip median 35.4 dB
                       against 32.4, ``python -m bench recon``), 5x more images below naive
                       inversion on the mixture tails (56 against 10 of 800, docs/benchmark.md).
+    flip_ratio:       GNRI secant, step 5, deterministic steps: an evaluated iterate whose
+                      denoised image D(z, sigma') lies more than this many times as far from the
+                      input latent as the nearest one of the step's iterates is a mode flip
+                      (regeneration from it heads for another image) and is never returned.
+                      0: off (the previous rule).
     """
 
     max_iters: int = 2
@@ -103,6 +108,7 @@ class SolverOptions:
     trust_ratio: float = 0.3
     jacobian: str = "spectral"
     anchor: str = "naive"
+    flip_ratio: float = 1.75
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
@@ -115,6 +121,8 @@ class SolverOptions:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise InversionInputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.flip_ratio != 0 and not self.flip_ratio >= 1:
+            raise InversionInputError(f"flip_ratio must be 0 (off) or >= 1, got {self.flip_ratio}")
         if int(self.window) < 1 or int(self.renoise_average) < 1:
             raise InversionInputError("window and renoise_average must be >= 1")
         return self
@@ -296,6 +304,8 @@ ANCESTRAL_PULL = 100.0  # ... pulls 100x harder on ancestral steps (ill-posed: d
 ANCESTRAL_FADE = 0.3  # ... for two iterations, then 0.3x per iteration, within a budget of
 ANCESTRAL_BUDGET = 4  # ... up to 4 iterations; larger budgets aim at the exact root:
 ANCESTRAL_FADE_LARGE_BUDGET = 0.1  # ... 0.1x per iteration from the first
+FLIP_MAX_RESIDUAL = 0.05  # the mode-flip guard judges steps whose best relative residual is below this
+FLIP_RESIDUAL_RATIO = 3.0  # ... and swaps in an iterate at most 3x that residual
 
 
 class BestSoFar:
@@ -321,6 +331,32 @@ class BestSoFar:
         for key, value in extra.items():
             self.extra[key] = torch.where(keep, value, self.extra[key]) if key in self.extra else value
         return improved
+
+    def take(self, other: "BestSoFar", where: torch.Tensor) -> None:
+        """Replaces this record by ``other``'s in the samples ``where`` is True."""
+        keep = per_sample(where, self.z)
+        self.objective = torch.where(where, other.objective, self.objective)
+        self.relative = torch.where(where, other.relative, self.relative)
+        self.z, self.fz = torch.where(keep, other.z, self.z), torch.where(keep, other.fz, self.fz)
+        self.extra = {key: torch.where(keep, other.extra[key], value) for key, value in self.extra.items()}
+
+
+def _unflipped(best: BestSoFar, evaluated: list, ratio: float, z_prev: torch.Tensor) -> torch.Tensor:
+    """Step 5's mode-flip guard: the best of the ``evaluated`` iterates (objective, relative,
+    z, f(z), D(z), drift) whose drift ||D(z) - input|| is within ``ratio`` times the
+    smallest replaces ``best`` where best drifted further, had converged to
+    ``FLIP_MAX_RESIDUAL`` and the replacement's residual is within ``FLIP_RESIDUAL_RATIO``
+    times its own. Returns where it did."""
+    drift = torch.stack([e[5] for e in evaluated])
+    near = drift <= ratio * drift.min(0).values
+    unflipped = BestSoFar(z_prev)
+    for (objective, relative, z, fz, denoised, _), allowed in zip(evaluated, near):
+        unflipped.update(objective, relative, z, fz, allowed=allowed, denoised=denoised)
+    flipped = (torch.isfinite(unflipped.objective) & (unflipped.objective > best.objective)
+               & (best.relative <= FLIP_MAX_RESIDUAL)
+               & (unflipped.relative <= FLIP_RESIDUAL_RATIO * best.relative))
+    best.take(unflipped, flipped)
+    return flipped
 
 
 def _spectral_slope(p: StepProblem):
@@ -383,6 +419,15 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        the start z_prev itself and on ancestral steps (frozen noise maps: measured better
        there). So one iteration is the fixed-point step from the evaluated start: exactly
        naive DDIM inversion.
+       Mode-flip guard (deterministic steps, ``flip_ratio``): z_best is taken only among the
+       evaluated iterates whose denoised image D(z, sigma') lies within ``flip_ratio`` times
+       the smallest such distance to the input latent, where the step converged to
+       ``FLIP_MAX_RESIDUAL`` and such an iterate's residual is within ``FLIP_RESIDUAL_RATIO``
+       times the best; where that excludes the lowest-F iterate, the unevaluated step is
+       not returned either. [D is the image regeneration heads for. Measured: on the iso
+       mixture's failures the lowest-residual iterate's D lies 1.5-2x as far from the input as
+       its neighbours' and regenerates another photo; on the world Flux model's unconverged
+       steps with residuals near 0.1 and above D's distance does not tell, docs/benchmark.md.]
     6. Budget where it converges: after the second iteration, a sample whose best residual
        did not fall to ``contraction`` times the previous one stops with the answer of step 5
        at that point; the step ends when every sample stopped. [Superlinear convergence
@@ -412,6 +457,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     from_z_prev = not predicted
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # step 6
     answer, before = p.z_prev, None  # before: the best residual before the latest evaluation
+    guard, evaluated = o.flip_ratio > 0 and not p.frozen_noise, []
+    source = p.carry.setdefault("input_latent", p.z_prev)  # the latent being inverted
 
     def answer_of(z, accepted, valid):  # step 5
         plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
@@ -443,6 +490,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
                 reject = batch_norm2(r) > batch_norm2(z - p.z_prev)
         accepted = (objective < best.objective * NONMONOTONE) & ~reject
         improved = best.update(objective, relative, z, fz, allowed=~reject, denoised=denoised)
+        if guard:  # step 5's mode-flip guard: how far the image z heads for lies from the input
+            drift = rms(denoised - source)
+            evaluated.append((objective.masked_fill(reject, float("inf")), relative, z, fz, denoised, drift))
         history.append(float(torch.where(reject, relative, best.relative).max()))
         if converged(best.relative, o.tol):
             accepted = torch.zeros_like(accepted)
@@ -486,6 +536,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             if bool(stopped.all()):
                 break
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
+    if guard and len(evaluated) > 1:  # step 5: a step that flipped does not trust its model either
+        accepted = accepted & ~_unflipped(best, evaluated, o.flip_ratio, p.z_prev)
     z = torch.where(per_sample(stopped, z), answer, answer_of(z, accepted, valid))
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
     denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)

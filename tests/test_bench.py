@@ -20,6 +20,9 @@ TAILS_FLOW4_BELOW = 5
 # sampler), how many the default may reconstruct > 1 dB below naive inversion (measured 0; the
 # previous default, without guidance on ancestral steps: 39)
 TAILS_ANCESTRAL_EPS4_BELOW = 3
+# of 100 iso-mixture 10-step flow images, how many the default may reconstruct > 1 dB below
+# naive inversion (measured 2; without the mode-flip guard, flip_ratio 0: 5)
+TAILS_FLOW10_GUARDED_BELOW = 3
 
 
 def run_bench(*args, timeout=240):
@@ -153,6 +156,27 @@ def test_tails_ancestral_default_is_guided_toward_naive_inversion():
     below = sum(d < n - tails.SLACK_DB for d, n in zip(default["psnr"], ddim["psnr"]))
     assert below <= TAILS_ANCESTRAL_EPS4_BELOW, (below, default["psnr"])
     assert sorted(default["psnr"])[4] > sorted(ddim["psnr"])[4]  # the 10th percentile
+
+
+def test_tails_mode_flip_guard_keeps_iterates_that_regenerate_the_input():
+    """The iso mixture's 10-step flow case, where the lowest-residual iterate of a step at
+    sigma 0.7-0.9 can head for another photo (its denoised image twice as far from the
+    input): the guard returns the nearer iterate and cuts the images below naive inversion."""
+    import torch
+    from bench import env, tails
+    from bench.photo_model import PhotoMixture
+    core = env.core()
+    model = PhotoMixture("flow", size=32, isotropic=0.3)
+    sigmas = tails.schedule("flow", 10)
+    with torch.no_grad():
+        batches = tails.generate(core, model, sigmas, 100, ancestral=False)
+        psnr = {key: tails.measure(core, model, sigmas, batches, tails.Config(key, "gnri", options))["psnr"]
+                for key, options in (("default", {}), ("off", {"flip_ratio": 0.0}))}
+        ddim = tails.measure(core, model, sigmas, batches, tails.Config("ddim", "ddim"))["psnr"]
+    below = {key: sum(p < n - tails.SLACK_DB for p, n in zip(values, ddim)) for key, values in psnr.items()}
+    assert below["default"] <= TAILS_FLOW10_GUARDED_BELOW, below
+    assert below["default"] < below["off"], below
+    assert min(psnr["default"]) > min(psnr["off"])
 
 
 def test_world_reconstruction_bench_measures_every_row():

@@ -1214,7 +1214,8 @@ def test_spectral_jacobian_falls_back_to_the_scalar_slope_for_non_image_latents(
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name,value", [("jacobian", "exact"), ("anchor", "mu")])
+@pytest.mark.parametrize("name,value", [("jacobian", "exact"), ("anchor", "mu"), ("flip_ratio", 0.5),
+                                        ("flip_ratio", float("nan"))])
 def test_jacobian_and_anchor_are_validated(name, value):
     den, gen = generated("gaussian", "eps")
     with pytest.raises(InversionInputError, match=name):
@@ -1231,3 +1232,32 @@ def test_guidance_acts_on_ancestral_steps_and_lambda_zero_is_unguided(family):
     assert relative_error(guided, unguided) > 1e-3
     torch.testing.assert_close(unguided, run("newton", max_iters=DEFAULTS["gnri"].max_iters).noise,
                                rtol=0, atol=0)
+
+
+def _evaluated(objective, relative, drift, index):
+    """One evaluated iterate of a 1-sample step for the mode-flip guard: z = f(z) = D(z) = index."""
+    z = torch.full((1, 1, 2, 2), float(index))
+    return (torch.tensor([objective]), torch.tensor([relative]), z, z, z, torch.tensor([drift]))
+
+
+@pytest.mark.parametrize("best_relative,other_relative,other_drift,swapped", [
+    (0.02, 0.05, 0.23, True),    # the iso mixture's flips: lowest residual, D twice as far
+    (0.02, 0.05, 0.45, False),   # no iterate heads for a nearer image: nothing flipped
+    (0.09, 0.1, 0.23, False),    # not converged (world Flux, residual ~0.1): D's distance does not tell
+    (0.02, 0.1, 0.23, False),    # the alternative's residual is 5x the best's
+])
+def test_mode_flip_guard_swaps_only_a_converged_iterate_that_drifted(best_relative, other_relative,
+                                                                     other_drift, swapped):
+    """Step 5's guard: among evaluated iterates, one whose denoised image lies more than
+    ``flip_ratio`` times as far from the input as the nearest is not returned, where the
+    step converged and the nearer iterate's residual is comparable."""
+    from gnri_core.solvers import BestSoFar, _unflipped
+    evaluated = [_evaluated(other_relative, other_relative, other_drift, 1),
+                 _evaluated(best_relative, best_relative, 0.5, 2)]
+    best = BestSoFar(torch.zeros(1, 1, 2, 2))
+    for objective, relative, z, fz, denoised, _ in evaluated:
+        best.update(objective, relative, z, fz, denoised=denoised)
+    flipped = _unflipped(best, evaluated, DEFAULTS["gnri"].flip_ratio, torch.zeros(1, 1, 2, 2))
+    assert bool(flipped) == swapped
+    assert float(best.z.flatten()[0]) == (1.0 if swapped else 2.0)
+    assert float(best.extra["denoised"].flatten()[0]) == float(best.z.flatten()[0])
