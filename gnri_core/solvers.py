@@ -435,43 +435,21 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     """
     mu, g_scale = _guidance(p, o)
     _, beta = p.guidance_mean_var()
-    anchor = mu  # where the guidance pulls (step 4)
     low, high = p.slope_bounds()
-    variance = p.carry.get("data_variance")
-    if variance is None:  # first step: the latent's own second moment
-        variance = p.z_prev.flatten(1).pow(2).mean(1)
-    slope = p.slope(p.denoiser_gain(variance)).clamp(low, high)
-    spectral = _spectral_slope(p) if o.jacobian == "spectral" else None
+    slope, spectral = _prior_slope(p), (_spectral_slope(p) if o.jacobian == "spectral" else None)
     batch, device = p.z_prev.shape[0], p.z_prev.device
     best = BestSoFar(p.z_prev)
     damping = torch.ones(batch, device=device)  # restart step length, halved per rejection in a row
     valid = torch.zeros(batch, dtype=torch.long, device=device)
-    z, zs, gs, history = p.z_prev, [], [], []
-    last = p.carry.get("last_eval")  # D(z_prev, sigma), estimated by the previous step
-    predicted = (o.predictor == "euler" and o.max_iters > 1 and last is not None
-                 and abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma))
-    if predicted:  # step 1
-        z = p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
-        if o.anchor == "naive":
-            anchor = z
-    from_z_prev = not predicted
+    zs, gs, history = [], [], []
+    z = _euler_predictor(p, o)  # step 1
+    predicted = z is not None
+    anchor = z if predicted and o.anchor == "naive" else mu  # where the guidance pulls (step 4)
+    z = z if predicted else p.z_prev
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # step 6
     answer, before = p.z_prev, None  # before: the best residual before the latest evaluation
     guard, evaluated = o.flip_ratio > 0 and not p.frozen_noise, []
     source = p.carry.setdefault("input_latent", p.z_prev)  # the latent being inverted
-
-    def answer_of(z, accepted, valid):  # step 5
-        plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
-        trusted = accepted & plausible & (valid > 1)  # a secant model, measured along a real step
-        if p.frozen_noise or o.trust_ratio == 0:
-            return torch.where(per_sample(trusted, z), z, best.fz)
-        # one secant difference: trusted as before; a wider model must just have predicted well
-        proven = valid <= 2
-        if before is not None:
-            proven = proven | (best.relative <= o.trust_ratio * before)
-        at_start = (best.z - p.z_prev).flatten(1).abs().amax(1) == 0
-        fallback = torch.where(per_sample(at_start, z), best.fz, best.z)
-        return torch.where(per_sample(trusted & proven, z), z, fallback)
 
     for iteration in range(o.max_iters):
         if iteration > 0:
@@ -479,15 +457,13 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         denoised = p.denoised(z)  # step 2
         fz = p.fixed_point_map(z, denoised)
         r = z - fz
-        if iteration == 0 and from_z_prev and o.anchor == "naive":
+        if iteration == 0 and not predicted and o.anchor == "naive":
             anchor = fz  # naive inversion's answer f(z_prev)
         objective = _guided_objective(o, z, r, anchor, g_scale)
         relative = p.relative(r)
-        reject = torch.zeros(batch, dtype=torch.bool, device=device)
-        if predicted:  # step 3: it moved z_prev by about r(z_prev); a larger residual made things worse
-            predicted = False
-            if o.max_iters > 1:
-                reject = batch_norm2(r) > batch_norm2(z - p.z_prev)
+        # step 3: the predictor moved z_prev by about r(z_prev); a larger residual made things worse
+        reject = (batch_norm2(r) > batch_norm2(z - p.z_prev)) if predicted and iteration == 0 else (
+            torch.zeros(batch, dtype=torch.bool, device=device))
         accepted = (objective < best.objective * NONMONOTONE) & ~reject
         improved = best.update(objective, relative, z, fz, allowed=~reject, denoised=denoised)
         if guard:  # step 5's mode-flip guard: how far the image z heads for lies from the input
@@ -499,31 +475,11 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             break
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]  # step 4
         valid = (valid + 1).clamp_max(len(zs))
-        # guidance weight: fades as r -> 0 (the root stays exact) and never outweighs ||r||^2;
-        # on ancestral steps ANCESTRAL_PULL times stronger toward naive inversion's answer, fading
-        # after two iterations (toward the forward mean there, a tiny EPS model's 8-iteration
-        # inversion diverged: off)
-        if p.frozen_noise:
-            fade = (ANCESTRAL_FADE ** max(0, iteration - 1) if o.max_iters <= ANCESTRAL_BUDGET
-                    else ANCESTRAL_FADE_LARGE_BUDGET ** iteration)
-            lam = o.lam * ANCESTRAL_PULL * fade if o.anchor == "naive" else 0.0
-        else:
-            lam = o.lam
-        weight = lam * rms(r).pow(2) / rms(z - anchor).pow(2).clamp_min(max(beta, 1e-12))
-        pull = (anchor, weight)
-        if spectral is None:  # Newton with the scalar slope, guided
-            single = z - (per_sample(slope, z) * r + per_sample(weight, z) * (z - anchor)) / per_sample(
-                slope ** 2 + weight, z)
-        else:  # ... with the spectral slope: per Fourier mode
-            w = weight.view(-1, *([1] * (spectral.ndim - 1)))
-            single = z - spectrum.apply(spectral / (spectral ** 2 + w), r) - spectrum.apply(
-                w / (spectral ** 2 + w), z - anchor)
-        newton = multisecant_step(zs, gs, o.ridge, valid, pull)
-        newton = torch.where(per_sample(valid > 1, z), newton, single)
+        weight = _guidance_weight(p, o, iteration, r, z, anchor, beta)
+        newton = torch.where(per_sample(valid > 1, z), multisecant_step(zs, gs, o.ridge, valid, (anchor, weight)),
+                             _first_newton_step(z, r, anchor, weight, slope, spectral))
         if len(zs) > 1:  # the secant slope along the last step, for the next sigma's prior
-            d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
-            secant = (batch_dot(d_r, d_r) / batch_dot(d_r, d_z).clamp_min(1e-30)).clamp(low, high)
-            slope = torch.where(valid > 1, secant, slope)
+            slope = torch.where(valid > 1, _secant_slope(zs, gs).clamp(low, high), slope)
         restart = best.z + per_sample(damping, z) * (best.fz - best.z)  # a rejected predictor: z_prev
         z = torch.where(per_sample(accepted, z), newton, restart)
         damping = torch.where(improved, 1.0, torch.where(accepted, damping, 0.5 * damping))
@@ -531,18 +487,87 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
         if o.contraction > 0 and not p.frozen_noise and before is not None:  # step 6
             stopping = ~stopped & (best.relative > o.contraction * before)
-            answer = torch.where(per_sample(stopping, z), answer_of(z, accepted, valid), answer)
+            answer = torch.where(per_sample(stopping, z), _answer(p, o, best, before, z, accepted, valid),
+                                 answer)
             stopped = stopped | stopping
             if bool(stopped.all()):
                 break
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
     if guard and len(evaluated) > 1:  # step 5: a step that flipped does not trust its model either
         accepted = accepted & ~_unflipped(best, evaluated, o.flip_ratio, p.z_prev)
-    z = torch.where(per_sample(stopped, z), answer, answer_of(z, accepted, valid))
+    z = torch.where(per_sample(stopped, z), answer, _answer(p, o, best, before, z, accepted, valid))
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
     denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)
     p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}
     return _result(z, history, len(history), o.tol)
+
+
+def _prior_slope(p: StepProblem) -> torch.Tensor:
+    """Step 4's scalar slope a: dr/dz for Gaussian data of the variance the previous step
+    measured (first step: the latent's own second moment), within ``slope_bounds``."""
+    variance = p.carry.get("data_variance")
+    if variance is None:
+        variance = p.z_prev.flatten(1).pow(2).mean(1)
+    return p.slope(p.denoiser_gain(variance)).clamp(*p.slope_bounds())
+
+
+def _euler_predictor(p: StepProblem, o: SolverOptions):
+    """Step 1: z_prev + h (z_prev - D_p) / sigma with D_p = D(z_prev, sigma) as the previous
+    step estimated it (no model call); None on the first step, with one iteration or
+    ``predictor="none"``."""
+    last = p.carry.get("last_eval")
+    if (o.predictor != "euler" or o.max_iters < 2 or last is None
+            or not abs(last["sigma"] - p.sigma) <= 1e-6 * max(1.0, p.sigma)):
+        return None
+    return p.z_prev + p.h * (p.z_prev - last["denoised"]) / p.sigma
+
+
+def _guidance_weight(p: StepProblem, o: SolverOptions, iteration: int, r, z, anchor, beta: float):
+    """Step 4's w = lambda rms(r)^2 / max(beta, ms(z - a)): fades as r -> 0 (the root stays
+    exact) and never outweighs ||r||^2. On ancestral steps ``ANCESTRAL_PULL`` times stronger
+    toward naive inversion's answer, fading after two iterations (budgets above
+    ``ANCESTRAL_BUDGET``: from the first); toward the forward mean there, a tiny EPS
+    model's 8-iteration inversion diverged, so that anchor has no pull."""
+    lam = o.lam
+    if p.frozen_noise:
+        fade = (ANCESTRAL_FADE ** max(0, iteration - 1) if o.max_iters <= ANCESTRAL_BUDGET
+                else ANCESTRAL_FADE_LARGE_BUDGET ** iteration)
+        lam = o.lam * ANCESTRAL_PULL * fade if o.anchor == "naive" else 0.0
+    return lam * rms(r).pow(2) / rms(z - anchor).pow(2).clamp_min(max(beta, 1e-12))
+
+
+def _first_newton_step(z, r, anchor, weight, slope, spectral):
+    """Step 4 before a secant model exists: the guided Newton step
+    argmin ||r + J (z' - z)||^2 + w ||z' - a||^2 with J = a I (``slope``) or J diagonal per
+    Fourier mode (``spectral``)."""
+    if spectral is None:
+        return z - (per_sample(slope, z) * r + per_sample(weight, z) * (z - anchor)) / per_sample(
+            slope ** 2 + weight, z)
+    w = weight.view(-1, *([1] * (spectral.ndim - 1)))
+    return z - spectrum.apply(spectral / (spectral ** 2 + w), r) - spectrum.apply(w / (spectral ** 2 + w), z - anchor)
+
+
+def _secant_slope(zs: list, gs: list) -> torch.Tensor:
+    """|dr|^2 / <dr, dz> along the last step [Barzilai-Borwein, second form]."""
+    d_z, d_r = zs[-1] - zs[-2], gs[-2] - gs[-1]
+    return batch_dot(d_r, d_r) / batch_dot(d_r, d_z).clamp_min(1e-30)
+
+
+def _answer(p: StepProblem, o: SolverOptions, best: BestSoFar, before, z, accepted, valid) -> torch.Tensor:
+    """Step 5: the unevaluated Newton step z where its model earned trust, else z_best (or
+    f(z_best) where z_best is z_prev, and on ancestral steps)."""
+    mu, beta = p.guidance_mean_var()
+    plausible = batch_norm2(z - mu) <= GUIDE_RADIUS * (beta * p.z_prev[0].numel()) ** 0.5
+    trusted = accepted & plausible & (valid > 1)  # a secant model, measured along a real step
+    if p.frozen_noise or o.trust_ratio == 0:
+        return torch.where(per_sample(trusted, z), z, best.fz)
+    # one secant difference: trusted as before; a wider model must just have predicted well
+    proven = valid <= 2
+    if before is not None:
+        proven = proven | (best.relative <= o.trust_ratio * before)
+    at_start = (best.z - p.z_prev).flatten(1).abs().amax(1) == 0
+    fallback = torch.where(per_sample(at_start, z), best.fz, best.z)
+    return torch.where(per_sample(trusted & proven, z), z, fallback)
 
 
 def solve_gnri_paper(p: StepProblem, o: SolverOptions) -> StepResult:
