@@ -8,7 +8,9 @@ with its own caption at cfg 1 on the family's 4- and 20-step schedules (UNet ``n
 Flux ``simple``; 20 is what the world ships with), then sampled back through Prompt Swap
 Edit at strength 0 (the same caption, cfg 1, no mask): the round trip an artist runs when nothing is changed. Per method: model
 calls per step, min / 10th percentile / median PSNR of the whole image (pixels in [0, 1])
-and the count of scenes more than 1 dB below ``ddim``. The scenes are the world's own
+and the count of scenes more than 1 dB below ``ddim``. The ``euler_ancestral`` rows invert
+with frozen noise maps (the nodes' ``sampler`` input) and are sampled back with the same
+maps; they are compared with ``ddim`` run the same way. The scenes are the world's own
 photos, not images the few-step sampler generated: no exact inverse is guaranteed.
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ ROWS = (  # (label, method, core options)
     ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
     ("gnri, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0}),
     ("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT),
+    ("ddim, euler_ancestral", "ddim", {"ancestral": True}),  # frozen noise maps, regenerated the same way
+    ("gnri default, euler_ancestral", "gnri", {"ancestral": True}),
 )
 SLACK_DB = 1.0
 ROUND_TRIP = Config(strength=0.0, edit_cfg=1.0, mask="none")  # Prompt Swap Edit: the same caption, cfg 1
@@ -65,19 +69,20 @@ def run(pack, family: str, scenes_n: int, steps_list=STEPS) -> list[dict]:
     images = scenes.render_batch(picked)
     x0 = latent.encode(images, family)
     positive = world.conditioning([s.caption() for s in picked])
-    return [dict(family=family, steps=steps, label=label,
+    return [dict(family=family, steps=steps, label=label, method=method, ancestral=bool(options.get("ancestral")),
                  **measure(world, x0, images, positive, method, options, steps))
             for steps in steps_list for label, method, options in ROWS]
 
 
 def table(records, family: str, steps: int) -> str:
     rows = [r for r in records if r["family"] == family and r["steps"] == steps]
-    ddim = next(r["psnr"] for r in rows if r["label"] == "ddim")
-    lines = [f"**world {family}, {steps} steps, {len(ddim)} scenes**", "",
+    ddim = {r["ancestral"]: r["psnr"] for r in rows if r["method"] == "ddim"}
+    lines = [f"**world {family}, {steps} steps, {len(ddim[False])} scenes**", "",
              "| method | calls/step | min | p10 | median | > 1 dB below ddim |", "|---" * 6 + "|"]
     for r in rows:
         p = np.array(r["psnr"])
-        below = int(sum(a < b - SLACK_DB for a, b in zip(r["psnr"], ddim)))
+        base = ddim[r["ancestral"]]  # ancestral rows: against ddim with the same frozen noise maps
+        below = int(sum(a < b - SLACK_DB for a, b in zip(r["psnr"], base)))
         lines.append(f"| {r['label']} | {r['calls_per_step']:.2f} | {p.min():.1f} | {np.percentile(p, 10):.1f} | "
                      f"{np.median(p):.1f} | {below} / {len(p)} |")
     return "\n".join(lines)

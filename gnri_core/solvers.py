@@ -38,8 +38,8 @@ class SolverOptions:
     lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G and, for the
                       secant update, in its least squares
                       ||r||^2 + lambda rms(r_k)^2 ||z - a||^2 / max(beta, ms(z_k - a))
-                      toward the anchor a (``anchor``; ``ANCESTRAL_PULL`` times stronger on
-                      ancestral steps; see solve_gnri_secant). 0: unguided.
+                      toward the anchor a (``anchor``; up to ``ANCESTRAL_PULL`` times stronger
+                      on ancestral steps; see _guidance_weight). 0: unguided.
     eta_floor:        GNRI (paper update) floor eta on |dF/dz_j| in the Newton denominator
                       (not ``eta``: ``invert``'s ``eta`` is the ancestral noise amount).
     gradient:         GNRI dF/dz: "detached" (reference code, model output held
@@ -300,7 +300,8 @@ def solve_gnri(p: StepProblem, o: SolverOptions) -> StepResult:
 
 NONMONOTONE = 10.0  # GNRI secant keeps iterating from iterates with F < 10 * F_best
 GUIDE_RADIUS = 3.0  # ... and trusts an unevaluated step within 3 sqrt(beta D) of mu
-ANCESTRAL_PULL = 100.0  # ... pulls 100x harder on ancestral steps (ill-posed: dr/dz ~ sigma_down / sigma')
+ANCESTRAL_PULL = 100.0  # ... pulls up to 100x harder on ancestral steps (ill-posed: dr/dz ~ rho = sigma_down / sigma'):
+ANCESTRAL_PULL_CURVATURE = 0.1  # ... 0.1 / rho^2 times, rho^2 the residual's curvature on noise directions
 ANCESTRAL_FADE = 0.3  # ... for two iterations, then 0.3x per iteration, within a budget of
 ANCESTRAL_BUDGET = 4  # ... up to 4 iterations; larger budgets aim at the exact root:
 ANCESTRAL_FADE_LARGE_BUDGET = 0.1  # ... 0.1x per iteration from the first
@@ -399,8 +400,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        inversion's answer: the Euler predictor of step 1, else f(z_prev) once evaluated; so
        directions the residual barely determines stay where naive inversion put them
        (``"forward_mean"``: the paper's mu, deterministic steps only). On ancestral steps,
-       ill-posed (dr/dz ~ sigma_down/sigma' on noise directions), the pull is
-       ``ANCESTRAL_PULL`` times stronger for two iterations, then fades by ``ANCESTRAL_FADE``
+       ill-posed (dr/dz ~ rho = sigma_down/sigma' on noise directions), the pull is
+       min(``ANCESTRAL_PULL``, ``ANCESTRAL_PULL_CURVATURE`` / rho^2) times stronger (100x on
+       few-step schedules, below 1x at 20 steps) for two iterations, then fades by ``ANCESTRAL_FADE``
        per iteration; budgets above ``ANCESTRAL_BUDGET`` iterations aim at the exact root and
        fade it by ``ANCESTRAL_FADE_LARGE_BUDGET`` per iteration from the first.
        [Newton-Raphson; Wiener filter; Anderson 1965 / Fang-Saad multisecant; GNRI guidance;
@@ -524,15 +526,19 @@ def _euler_predictor(p: StepProblem, o: SolverOptions):
 
 def _guidance_weight(p: StepProblem, o: SolverOptions, iteration: int, r, z, anchor, beta: float):
     """Step 4's w = lambda rms(r)^2 / max(beta, ms(z - a)): fades as r -> 0 (the root stays
-    exact) and never outweighs ||r||^2. On ancestral steps ``ANCESTRAL_PULL`` times stronger
-    toward naive inversion's answer, fading after two iterations (budgets above
-    ``ANCESTRAL_BUDGET``: from the first); toward the forward mean there, a tiny EPS
-    model's 8-iteration inversion diverged, so that anchor has no pull."""
+    exact) and never outweighs ||r||^2. On ancestral steps, whose slope on noise directions
+    is rho = sigma_down / sigma', stronger toward naive inversion's answer by
+    ``ANCESTRAL_PULL_CURVATURE`` / rho^2, at most ``ANCESTRAL_PULL`` (100x up to rho 0.03,
+    the few-step schedules; 0.3x at rho 0.6, 20 steps), fading after two iterations
+    (budgets above ``ANCESTRAL_BUDGET``: from the first); toward the forward mean there, a
+    tiny EPS model's 8-iteration inversion diverged, so that anchor has no pull."""
     lam = o.lam
     if p.frozen_noise:
         fade = (ANCESTRAL_FADE ** max(0, iteration - 1) if o.max_iters <= ANCESTRAL_BUDGET
                 else ANCESTRAL_FADE_LARGE_BUDGET ** iteration)
-        lam = o.lam * ANCESTRAL_PULL * fade if o.anchor == "naive" else 0.0
+        rho = max(p.sigma / p.sigma_next, 1e-6)
+        pull = min(ANCESTRAL_PULL, ANCESTRAL_PULL_CURVATURE / rho ** 2)
+        lam = o.lam * pull * fade if o.anchor == "naive" else 0.0
     return lam * rms(r).pow(2) / rms(z - anchor).pow(2).clamp_min(max(beta, 1e-12))
 
 

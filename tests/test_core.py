@@ -10,6 +10,7 @@ margin of 10x or more; see the comments next to each constant.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -1261,3 +1262,25 @@ def test_mode_flip_guard_swaps_only_a_converged_iterate_that_drifted(best_relati
     assert bool(flipped) == swapped
     assert float(best.z.flatten()[0]) == (1.0 if swapped else 2.0)
     assert float(best.extra["denoised"].flatten()[0]) == float(best.z.flatten()[0])
+
+
+@pytest.mark.parametrize("sigma_down,sigma_next,pull", [
+    (0.02, 1.0, 100.0),   # few-step schedules (rho 0.004-0.05): the full 100x pull
+    (0.1, 1.0, 10.0),     # rho 0.1: 0.1 / rho^2
+    (0.6, 1.0, 0.1 / 0.36),  # 20-step schedules (rho 0.4-0.9): weaker than a deterministic step's
+])
+def test_ancestral_pull_grows_as_the_step_gets_ill_posed(sigma_down, sigma_next, pull):
+    """The ancestral pull is min(100, 0.1 / rho^2) times lambda, rho = sigma_down / sigma' the
+    step's slope on noise directions (first iteration, no fade): 100x where the step is ill-posed;
+    weaker at 20 steps, where 100x held the trained world UNet's round trip at 32 dB."""
+    from gnri_core.problem import StepProblem
+    from gnri_core.solvers import _guidance_weight
+    z = torch.ones(1, 1, 2, 2)
+    problem = StepProblem(denoise=None, z_prev=z, sigma=sigma_down, sigma_next=sigma_next, family="eps",
+                          frozen_noise=True)
+    r, anchor = torch.full_like(z, 0.5), torch.zeros_like(z)
+    options = DEFAULTS["gnri"]
+    weight = _guidance_weight(problem, options, 0, r, z, anchor, beta=1e-6)
+    deterministic = _guidance_weight(dataclasses.replace(problem, frozen_noise=False), options, 0, r, z, anchor,
+                                     beta=1e-6)
+    assert float(weight) == pytest.approx(pull * float(deterministic), rel=1e-5)
