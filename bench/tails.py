@@ -134,7 +134,7 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
                     if inputs != "generated" and ("lam" in config.key or "pred" in config.key):
                         continue  # lambda and predictor tables: generated images only
                     if ancestral and ("contraction" in config.key or "flip_ratio" in config.key):
-                        continue  # contraction is off on ancestral steps
+                        continue  # contraction and the mode-flip guard are off on ancestral steps
                     if progress is not None:
                         progress(f"{name} {family} {steps} {inputs} {config.key}")
                     record = {"model": name, "family": family, "steps": steps, "ancestral": ancestral,

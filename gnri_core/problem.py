@@ -146,10 +146,11 @@ class StepProblem:
         scale = (1 - s) ** 2 if self.family == "flow" else 1.0
         return ((power - s ** 2) / max(scale, 1e-6)).clamp_min(1e-8)
 
-    def spectral_slope(self, data_power: torch.Tensor) -> torch.Tensor:
-        """dr/dz per Fourier mode for Gaussian data of that power, within ``slope_bounds``."""
+    def gaussian_slope(self, data_variance: torch.Tensor) -> torch.Tensor:
+        """dr/dz for Gaussian data of that variance (per sample, or per Fourier mode: its
+        power), within ``slope_bounds``."""
         low, high = self.slope_bounds()
-        return self.slope(self.denoiser_gain(data_power)).clamp(low, high)
+        return self.slope(self.denoiser_gain(data_variance)).clamp(low, high)
 
     def slope(self, gain: torch.Tensor) -> torch.Tensor:
         """dr/dz for a denoiser gain dD/dz."""

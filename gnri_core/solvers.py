@@ -371,7 +371,7 @@ def _spectral_slope(p: StepProblem):
     power = p.carry.get("data_power")  # carry lives for one inversion: one batch
     if power is None:
         power = p.carry["data_power"] = p.clean_power(spectrum.radial_power(p.z_prev))
-    return None if p.sigma == 0 else p.spectral_slope(power)
+    return None if p.sigma == 0 else p.gaussian_slope(power)
 
 
 def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
@@ -510,7 +510,7 @@ def _prior_slope(p: StepProblem) -> torch.Tensor:
     variance = p.carry.get("data_variance")
     if variance is None:
         variance = p.z_prev.flatten(1).pow(2).mean(1)
-    return p.slope(p.denoiser_gain(variance)).clamp(*p.slope_bounds())
+    return p.gaussian_slope(variance)
 
 
 def _euler_predictor(p: StepProblem, o: SolverOptions):
