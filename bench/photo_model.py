@@ -20,8 +20,8 @@ data), with known answers, and it costs a few matrix products per call. Its Jaco
 the spectrum of a real model: low frequencies are "known" (gain ~1) long before high
 ones, and the mixture weights switch sharply between photos as sigma falls.
 
-Photos that are *not* in the mixture (``heldout_photos``) are the "real images" to
-invert; images the model generated from known noise have a known exact inverse.
+Photos that are *not* in the mixture (``heldout_photo``, ``heldout_photos``) are the
+"real images" to invert; images the model generated from known noise have a known exact inverse.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 MIXTURE_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "retina",
                   "immunohistochemistry", "camera", "coins", "grass", "brick", "moon")
 HELDOUT_PHOTOS = ("chelsea", "motorcycle_right", "lfw_face")
+HELDOUT_SCENES = ("chelsea", "motorcycle_right", "clock", "gravel")  # cropped for ``heldout_photos``
 
 
 def _require_skimage():
@@ -105,6 +106,28 @@ def heldout_photo(name: str, size: int = 32) -> torch.Tensor:
     """A real photo that is not in the mixture, (1, 3, size, size) in [-1, 1], float32."""
     _require_skimage()
     return _to_tensor(_resize(_square(_load(name)), size))[None].float()
+
+
+def heldout_photos(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """``count`` real photos that are not in the mixture, (count, 3, size, size) in [-1, 1],
+    float32: alternately one of scikit-image's 200 LFW faces and a random square crop (a
+    third of the short side to all of it) of one of ``HELDOUT_SCENES``, each mirrored at
+    random; the same ``seed`` gives the same photos."""
+    _require_skimage()
+    from skimage import data
+    faces = data.lfw_subset()
+    scenes = [_load(name) for name in HELDOUT_SCENES]
+    rng = np.random.RandomState(seed)
+    photos = []
+    for k in range(count):
+        if k % 2 == 0:
+            face = faces[(k // 2 + seed) % len(faces)]
+            img = np.repeat(np.asarray(face, dtype=np.float64)[:, :, None], 3, axis=2)
+        else:
+            img = _square(scenes[(k // 2) % len(scenes)], (rng.rand(), rng.rand(), rng.uniform(1 / 3, 1)))
+        img = _resize(img, size)
+        photos.append(img[:, ::-1] if rng.rand() < 0.5 else img)
+    return torch.stack([_to_tensor(p) for p in photos]).float()
 
 
 @lru_cache(maxsize=8)

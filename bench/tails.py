@@ -10,8 +10,10 @@ generated from known noise by the deterministic Euler sampler (``reconstruct``),
 batches of 4 as the nodes see them, so an exact inverse exists. Ancestral inversion
 (Euler-a, eta 1, frozen noise maps) is measured on its own generated images. "Data"
 images are drawn from the mixture itself (``PhotoMixture.sample``): the model's world, but
-not what its few-step sampler generates, so no exact inverse exists (the stand-in for
-real photos; only the reconstruction is measured).
+not what its few-step sampler generates, so no exact inverse exists. "Photos" are real
+photos outside the mixture (``photo_model.heldout_photos``: LFW faces and crops of four
+held-out scenes), the same 100 for every case: what a user brings; only the reconstruction
+is measured, and on the tight "iso" mixture, which cannot generate them, no method can.
 
 Per method and budget: model calls per step, min / 10th percentile / median
 reconstruction PSNR, median relative error of the inverted noise, the number of images
@@ -31,7 +33,7 @@ import torch
 
 from . import metrics
 from .methods import BY_KEY
-from .photo_model import PhotoMixture
+from .photo_model import PhotoMixture, heldout_photos
 
 MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
 SCHEDULES = (("eps", 4), ("eps", 10), ("flow", 4), ("flow", 10))
@@ -42,7 +44,9 @@ QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("and
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
 # the default before the spectral step and the mode-flip guard
 PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0, "flip_ratio": 0.0}
-INPUTS = ("generated", "ancestral", "data")  # deterministic on generated images, ancestral, deterministic on data
+INPUTS = ("generated", "ancestral", "data", "photos")  # Euler on generated images; Euler-a; Euler on data samples, real photos
+INPUT_TITLES = {"data": "data samples (drawn from the mixture, not generated: no exact inverse; noise error not measurable)",
+                "photos": "real photos outside the mixture (held-out faces and scene crops: no exact inverse)"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,12 @@ def data_samples(model, images: int, seed: int = 0):
     return [(model.sample(BATCH, seed=seed + 1000 + b), None, None) for b in range(0, images, BATCH)]
 
 
+def photo_batches(images: int, size: int = 32):
+    """Batches of (x0, None, None): real photos outside the mixture (the same for every case)."""
+    photos = heldout_photos(images, size)
+    return [(photos[b:b + BATCH], None, None) for b in range(0, images, BATCH)]
+
+
 def measure(core, model, sigmas, batches, config: Config) -> dict:
     """Per-image PSNR, noise error and noise statistics, and calls per step, of one config."""
     psnr, noise_err, stats, nfe = [], [], [], 0
@@ -128,8 +138,8 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
             for inputs in INPUTS:
                 ancestral = inputs == "ancestral"
                 images = config_mode["ancestral_images" if ancestral else "images"]
-                batches = (data_samples(model, images) if inputs == "data"
-                           else generate(core, model, sigmas, images, ancestral))
+                batches = (data_samples(model, images) if inputs == "data" else photo_batches(images, model.size)
+                           if inputs == "photos" else generate(core, model, sigmas, images, ancestral))
                 for config in rows:
                     if inputs != "generated" and ("lam" in config.key or "pred" in config.key):
                         continue  # lambda and predictor tables: generated images only
@@ -138,14 +148,18 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
                     if progress is not None:
                         progress(f"{name} {family} {steps} {inputs} {config.key}")
                     record = {"model": name, "family": family, "steps": steps, "ancestral": ancestral,
-                              "data": inputs == "data", "config": config.key}
+                              "inputs": inputs, "config": config.key}
                     record.update(measure(core, model, sigmas, batches, config))
                     records.append(record)
     return records
 
 
+def _inputs(r) -> str:
+    return r.get("inputs") or ("ancestral" if r["ancestral"] else "data" if r.get("data") else "generated")
+
+
 def _case(r) -> tuple:
-    return r["model"], r["family"], r["steps"], r["ancestral"], r.get("data", False)
+    return r["model"], r["family"], r["steps"], _inputs(r)
 
 
 def _below_ddim(records) -> dict:
@@ -195,20 +209,20 @@ def markdown(records, meta) -> str:
              f"`{meta['command']}` — {meta['seconds']:.0f} s (summed over processes), {meta['images']} generated images per model × "
              f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {BATCH}.", ""]
     for name in models:
-        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and not r.get("data")
+        parts += [summary(records, lambda r, n=name: r["model"] == n and _inputs(r) == "generated"
                           and r["config"] in main,
                           f"{name} mixture, deterministic (Euler) inversion, all 4 schedules"), ""]
-    for name in models:
-        if any(r.get("data") and r["model"] == name for r in records):
-            parts += [summary(records, lambda r, n=name: r["model"] == n and r.get("data") and r["config"] in main,
-                              f"{name} mixture, data samples (drawn from the mixture, not generated: no exact "
-                              "inverse; noise error not measurable)"), ""]
+    for inputs, title in INPUT_TITLES.items():
+        for name in models:
+            if any(_inputs(r) == inputs and r["model"] == name for r in records):
+                parts += [summary(records, lambda r, n=name, i=inputs: r["model"] == n and _inputs(r) == i
+                                  and r["config"] in main, f"{name} mixture, {title}"), ""]
     for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["ancestral"],
                           f"{name} mixture, ancestral inversion (eta 1, frozen noise maps)"), ""]
     lam = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" in k]
     for name in models:
-        parts += [summary(records, lambda r, n=name: r["model"] == n and not r["ancestral"] and not r.get("data")
+        parts += [summary(records, lambda r, n=name: r["model"] == n and _inputs(r) == "generated"
                           and r["config"] in ["ddim", "gnri default"] + lam,
                           f"lambda: {name} mixture, deterministic (gnri default: lam "
                           f"{meta['default_lam']:g})", extra_stats=True), ""]
@@ -218,7 +232,7 @@ def markdown(records, meta) -> str:
     for r in records:
         if r["config"] == "gnri default" and "psnr" in r:
             p = np.array(r["psnr"])
-            tag = " anc" if r["ancestral"] else " data" if r.get("data") else ""
+            tag = {"generated": "", "ancestral": " anc"}.get(_inputs(r), " " + _inputs(r))
             parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{tag} | "
                          f"{r['calls_per_step']:.2f} | {p.min():.1f} | {np.percentile(p, 10):.1f} | "
                          f"{np.median(p):.1f} | {below[id(r)]} / {len(p)} |")
