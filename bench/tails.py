@@ -43,7 +43,8 @@ FULL = dict(images=100, ancestral_images=40, lams=(0.0, 1.0, 10.0),
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
 # the default before the spectral step and the mode-flip guard
-PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0, "flip_ratio": 0.0}
+PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0, "flip_ratio": 0.0, "extra_iters": 0}
+FIXED_BUDGET = {"extra_iters": 0}  # the default before step 7: exactly its 3 iterations per step
 INPUTS = ("generated", "ancestral", "data", "photos")  # Euler on generated images; Euler-a; Euler on data samples, real photos
 INPUT_TITLES = {"data": "data samples (drawn from the mixture, not generated: no exact inverse; noise error not measurable)",
                 "photos": "real photos outside the mixture (held-out faces and scene crops: no exact inverse)"}
@@ -63,8 +64,9 @@ def configs(core, mode: dict) -> list:
     out = [Config("ddim", "ddim"), Config("gnri default", "gnri")]
     for key, budget in mode["runs"]:
         spec = BY_KEY[key]
-        out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0)))
+        out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0, extra_iters=0)))
     out.append(Config("gnri default ×1", "gnri", {"max_iters": 1}))
+    out.append(Config("gnri default, fixed budget (extra_iters 0)", "gnri", FIXED_BUDGET))
     out.append(Config("gnri default, contraction 0.5", "gnri", {"contraction": 0.5}))
     out.append(Config("gnri default, scalar jacobian", "gnri", {"jacobian": "scalar"}))
     out.append(Config("gnri default, anchor forward_mean", "gnri", {"anchor": "forward_mean"}))

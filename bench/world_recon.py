@@ -35,7 +35,8 @@ ROWS = (  # (label, method, core options)
     ("ddim", "ddim", {}),
     ("gnri default", "gnri", {}),
     ("gnri, trust_ratio 0 (the previous step 5)", "gnri", {"trust_ratio": 0.0}),
-    ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0}),
+    ("gnri, fixed budget (extra_iters 0)", "gnri", {"extra_iters": 0}),
+    ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0}),
     ("gnri, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0}),
     ("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT),
     ("ddim, euler_ancestral", "ddim", {"ancestral": True}),  # frozen noise maps, regenerated the same way

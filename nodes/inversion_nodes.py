@@ -20,6 +20,7 @@ SAMPLERS = {"euler": {}, "euler_ancestral": {"ancestral": True}}
 NEWTON_FORMS = {
     "secant": {"update": "secant"},
     "secant_last_step": {"update": "secant", "trust_ratio": 0.0},
+    "secant_fixed_budget": {"update": "secant", "extra_iters": 0},
     "paper_detached": {"update": "paper", "gradient": "detached"},
     "paper_autograd": {"update": "paper", "gradient": "autograd"},
 }
@@ -34,7 +35,9 @@ def solver_inputs():
     gnri = DEFAULTS["gnri"]
     return [
         io.Int.Input("iterations", default=gnri.max_iters, min=1, max=100,
-                     tooltip="Model calls per inversion step (ddim always uses 1)."),
+                     tooltip=("Model calls per inversion step (ddim always uses 1). gnri: a step still "
+                              "unconverged after them (relative residual above 1e-3) continues, up to 5 more; "
+                              "newton_form secant_fixed_budget: exactly these.")),
         io.Float.Input("tolerance", default=gnri.tol, min=0.0, max=1.0, step=1e-5, round=False,
                        tooltip="Stop a step early once its relative residual is below this (0: never)."),
         io.Float.Input("lam", default=gnri.lam, min=0.0, max=100.0, step=0.01, round=False,
@@ -49,7 +52,8 @@ def solver_inputs():
         io.Combo.Input("newton_form", options=list(NEWTON_FORMS), default="secant",
                        tooltip=("gnri/newton update: secant Jacobian (default); secant_last_step: the same, "
                                 "always returning its last Newton step (more exact on smooth models, more "
-                                "mode flips on sharply multi-modal ones); the paper's scalar update with the "
+                                "mode flips on sharply multi-modal ones); secant_fixed_budget: the same with "
+                                "no extra iterations for unconverged steps (faster, less exact); the paper's scalar update with the "
                                 "reference code's detached gradient; or with the gradient through the network "
                                 "(one backward pass per iteration).")),
     ]

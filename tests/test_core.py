@@ -114,7 +114,10 @@ def reconstruct(denoise, noise, sigmas):
 
 
 def default_iters(method: str, options: dict) -> int:
-    return int(options.get("max_iters", gnri_core.DEFAULTS[method].max_iters))
+    """The most iterations a step may take: the budget, plus gnri's extra ones (step 7) from 2 on."""
+    defaults = gnri_core.DEFAULTS[method]
+    budget = int(options.get("max_iters", defaults.max_iters))
+    return budget + (int(options.get("extra_iters", defaults.extra_iters)) if budget >= 2 else 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1095,7 +1098,7 @@ def test_no_solver_error_at_any_setting(did, make, family):
             for tol in (0.0, DEFAULTS[method].tol):
                 result = invert(den, x0, sigmas, method, family, max_iters=iterations, tol=tol)
                 assert torch.isfinite(result.noise).all(), (method, iterations, tol)
-                assert result.nfe <= iterations * (len(sigmas) - 1)
+                assert result.nfe <= default_iters(method, {"max_iters": iterations}) * (len(sigmas) - 1)
 
 
 def test_eta_floor_reachable_through_invert():
@@ -1134,7 +1137,8 @@ def test_contraction_stops_only_where_convergence_stalls(problem, family):
     guarded = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, contraction=0.5)
     assert guarded.nfe <= plain.nfe
     assert math.isfinite(_recon_error(den, gen.x0, gen.sigmas, "gnri", family, tol=0, contraction=0.5))
-    two = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=2, contraction=c).noise for c in (0.0, 0.5)]
+    two = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=2, extra_iters=0, contraction=c).noise
+           for c in (0.0, 0.5)]
     torch.testing.assert_close(two[0], two[1], rtol=0, atol=0)
 
 
@@ -1155,14 +1159,64 @@ def test_trust_ratio_keeps_one_iteration_naive_and_two_iterations_as_they_were(p
     assert DEFAULTS["gnri"].trust_ratio == 0.3
     den, gen = generated(problem, family)
     for iters in (1, 2):
-        noises = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=iters, trust_ratio=t).noise
-                  for t in (0.0, 0.3)]
+        noises = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=iters, extra_iters=0,
+                         trust_ratio=t).noise for t in (0.0, 0.3)]
         torch.testing.assert_close(noises[0], noises[1], rtol=0, atol=0)
     ddim = invert(den, gen.x0, gen.sigmas, "ddim", family).noise
     one = invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=1).noise
     torch.testing.assert_close(one, ddim, rtol=0, atol=0)
     assert (invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0).nfe
             == invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, trust_ratio=0).nfe)
+
+
+# ---------------------------------------------------------------------------------------
+# step 7 of solve_gnri_secant: extra iterations where a step is unconverged
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem,family", CASES, ids=CASE_IDS)
+def test_extra_iterations_only_where_a_step_is_unconverged(problem, family):
+    """Past its 3 iterations a step goes on only while its residual is above ``extra_tol``, up
+    to 5 more; ``extra_iters=0`` is the fixed budget; a step that needed them ends nearer its
+    root than the fixed budget left it."""
+    gnri = DEFAULTS["gnri"]
+    assert (gnri.max_iters, gnri.extra_iters, gnri.extra_tol) == (3, 5, 1e-3)
+    den, gen = generated(problem, family)
+    fixed = invert(den, gen.x0, gen.sigmas, "gnri", family, extra_iters=0)
+    adaptive = invert(den, gen.x0, gen.sigmas, "gnri", family)
+    assert max(fixed.iterations) <= 3 and max(adaptive.iterations) <= 8
+    for iterations, residual in zip(adaptive.iterations, adaptive.residuals):
+        assert residual <= gnri.extra_tol or iterations == 8, (adaptive.iterations, adaptive.residuals)
+    first = next((i for i, n in enumerate(adaptive.iterations) if n > 3), None)
+    if first is not None:  # the trajectories agree up to there
+        assert fixed.residuals[first] > gnri.extra_tol
+        assert adaptive.residuals[first] < fixed.residuals[first]
+
+
+def test_extra_iterations_take_the_mixtures_further_and_never_run_on_ancestral_steps():
+    """The sharp mixture has steps a fixed 3 iterations leave unconverged: with step 7 its
+    inverted noise is nearer the true one. Ancestral steps (frozen noise maps) keep their 3
+    iterations (more made the trained world UNet's round trips worse), and one iteration
+    stays naive inversion."""
+    den, gen = generated("mixture", "eps")
+    fixed = invert(den, gen.x0, gen.sigmas, "gnri", "eps", extra_iters=0)
+    adaptive = invert(den, gen.x0, gen.sigmas, "gnri", "eps")
+    assert max(adaptive.iterations) > 3
+    assert relative_error(adaptive.noise, gen.noise) < relative_error(fixed.noise, gen.noise)
+    for problem, family in CASES:
+        den, sigmas, noise, maps, x0 = _ancestral_case(problem, family)
+        result = invert(den, x0, sigmas, "gnri", family, noise_maps=maps)
+        assert max(result.iterations[1:]) <= 3, result.iterations  # step 0 is deterministic (no map)
+    one = invert(den, x0, sigmas, "gnri", family, max_iters=1, noise_maps=maps)
+    ddim = invert(den, x0, sigmas, "ddim", family, noise_maps=maps)
+    torch.testing.assert_close(one.noise, ddim.noise, rtol=0, atol=0)
+
+
+def test_extra_iterations_must_be_non_negative():
+    den, gen = generated("gaussian", "eps")
+    with pytest.raises(InversionInputError, match="extra_iters"):
+        invert(den, gen.x0, gen.sigmas, "gnri", "eps", extra_iters=-1)
+    with pytest.raises(InversionInputError, match="extra_tol"):
+        invert(den, gen.x0, gen.sigmas, "gnri", "eps", extra_tol=-1e-3)
 
 
 def test_trust_ratio_must_be_non_negative():

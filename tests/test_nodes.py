@@ -122,11 +122,11 @@ def test_native_flipsigmas_is_inf_on_flow(executor):
 
 
 def test_invert_outputs_inversion_and_ui_text(executor):
-    prompt = {**source_nodes("eps"), "invert": invert_node(steps=4, iterations=2),
+    prompt = {**source_nodes("eps"), "invert": invert_node(steps=4, iterations=2, newton_form="secant_fixed_budget"),
               **regenerate_advanced()}
     ui = executor.run(prompt)
     _, noise, sigmas, inversion = executor.node_output("invert")
-    assert inversion.family == "eps" and inversion.result.nfe == 8
+    assert inversion.family == "eps" and inversion.result.nfe == 8  # a fixed budget: 2 calls per step
     assert len(inversion.result.trajectory) == 5 and len(inversion.result.residuals) == 4
     assert sigmas[0] > sigmas[-1] and float(sigmas[-1]) == 0.0
     assert inversion.settings["method"] == "gnri"
