@@ -454,8 +454,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
        at that point; the step ends when every sample stopped. [Superlinear convergence
        test of quasi-Newton methods; the mode flips of a budget chased past it.]
     7. Budget where it is needed: on deterministic steps, a step whose best residual is still
-       above ``extra_tol`` after the K iterations continues, up to ``extra_iters`` more,
-       and ends (with step 5's answer) once it is below. [Optimistix's rtol and max_steps:
+       above ``extra_tol`` after the K iterations continues, up to ``extra_iters`` more;
+       each sample keeps step 5's answer from the iteration where it got below (``EndedEarly``:
+       its result does not depend on its batch). [Optimistix's rtol and max_steps:
        iterate to a tolerance within a cap. Measured: the unconverged steps are few and
        decide the round trip (the world Flux's top steps at 20 steps); on ancestral steps
        more iterations made the trained world UNet's round trips worse, docs/benchmark.md.]
