@@ -39,7 +39,7 @@ MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
 SCHEDULES = (("eps", 4), ("eps", 10), ("flow", 4), ("flow", 10))
 BATCH = 4
 FULL = dict(images=100, ancestral_images=40, lams=(0.0, 1.0, 10.0),
-            runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("fixed_point", 3)))
+            runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("anderson", 5), ("fixed_point", 3)))
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
 # the default before the spectral step and the mode-flip guard
