@@ -40,9 +40,10 @@ class SolverOptions:
                       relative residual is still above ``extra_tol`` after ``max_iters``
                       iterations keeps iterating, up to this many more (0: a fixed budget).
                       Budget where it is needed: on the trained world models the steps that
-                      stay unconverged are few (the top ones at 20 steps: +0.25 calls/step)
-                      and they decide the round trip (world Flux, 20 steps: 25 of 160 scenes
-                      below naive inversion with a fixed budget, docs/benchmark.md).
+                      stay unconverged are few at 20 steps (the top ones: 3.3-4.25 calls/step
+                      in all; at 4 steps every step, 7-7.5) and they decide the round trip
+                      (world Flux, 20 steps: 25 of 160 scenes below naive inversion with a
+                      fixed budget, 0 with this; docs/benchmark.md).
     extra_tol:        the relative residual ``extra_iters`` iterates toward.
     lam:              GNRI guidance weight lambda in F = ||r||_1 + lambda * G and, for the
                       secant update, in its least squares
@@ -476,7 +477,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     z = z if predicted else p.z_prev
     ended = EndedEarly(best, slope)  # samples whose step ended before the batch's (steps 6 and 7)
     before = None  # the best residual before the latest evaluation
-    evaluated = []  # for step 5's mode-flip guard
+    evaluated = []  # the iterates step 5's mode-flip guard judges (deterministic steps only)
     guard = o.flip_ratio > 0 and not p.frozen_noise
     source = p.carry.setdefault("input_latent", p.z_prev)  # the latent being inverted
 
@@ -565,7 +566,7 @@ def _finish(p: StepProblem, o: SolverOptions, best: BestSoFar, before, z, accept
     """Step 5 on the current state, leaving it as it is: (the answer, the best iterate after the
     mode-flip guard)."""
     best = best.copy()
-    if o.flip_ratio > 0 and not p.frozen_noise and len(evaluated) > 1:  # a flipped step does not trust its model
+    if len(evaluated) > 1:  # the guard recorded the iterates: a flipped step does not trust its model
         accepted = accepted & ~_unflipped(best, evaluated, o.flip_ratio, p.z_prev)
     return _answer(p, o, best, before, z, accepted, valid), best
 
