@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .methods import BY_KEY
+from .methods import BY_KEY, core_options
 from .photo_model import PhotoMixture, heldout_photos
 
 MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
@@ -64,7 +64,7 @@ def configs(core, mode: dict) -> list:
     out = [Config("ddim", "ddim"), Config("gnri default", "gnri")]
     for key, budget in mode["runs"]:
         spec = BY_KEY[key]
-        out.append(Config(f"{key} ×{budget}", spec.method, dict(spec.options, max_iters=budget, tol=0.0, extra_iters=0)))
+        out.append(Config(f"{key} ×{budget}", spec.method, core_options(spec, budget)))
     out.append(Config("gnri default ×1", "gnri", {"max_iters": 1}))
     out.append(Config("gnri default, fixed budget (extra_iters 0)", "gnri", FIXED_BUDGET))
     out.append(Config("gnri default, contraction 0.5", "gnri", {"contraction": 0.5}))
@@ -132,6 +132,7 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
     """One record per (model, family, steps, ancestral, config)."""
     records = []
     rows = configs(core, config_mode)
+    photos = photo_batches(config_mode["images"])  # the same real photos for every case
     for name in models:
         kwargs = MODELS[name]
         for family, steps in SCHEDULES:
@@ -140,7 +141,7 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
             for inputs in INPUTS:
                 ancestral = inputs == "ancestral"
                 images = config_mode["ancestral_images" if ancestral else "images"]
-                batches = (data_samples(model, images) if inputs == "data" else photo_batches(images, model.size)
+                batches = (data_samples(model, images) if inputs == "data" else photos
                            if inputs == "photos" else generate(core, model, sigmas, images, ancestral))
                 for config in rows:
                     if inputs != "generated" and ("lam" in config.key or "pred" in config.key):
@@ -156,12 +157,8 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
     return records
 
 
-def _inputs(r) -> str:
-    return r.get("inputs") or ("ancestral" if r["ancestral"] else "data" if r.get("data") else "generated")
-
-
 def _case(r) -> tuple:
-    return r["model"], r["family"], r["steps"], _inputs(r)
+    return r["model"], r["family"], r["steps"], r["inputs"]
 
 
 def _below_ddim(records) -> dict:
@@ -211,20 +208,20 @@ def markdown(records, meta) -> str:
              f"`{meta['command']}` — {meta['seconds']:.0f} s (summed over processes), {meta['images']} generated images per model × "
              f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {BATCH}.", ""]
     for name in models:
-        parts += [summary(records, lambda r, n=name: r["model"] == n and _inputs(r) == "generated"
+        parts += [summary(records, lambda r, n=name: r["model"] == n and r["inputs"] == "generated"
                           and r["config"] in main,
                           f"{name} mixture, deterministic (Euler) inversion, all 4 schedules"), ""]
     for inputs, title in INPUT_TITLES.items():
         for name in models:
-            if any(_inputs(r) == inputs and r["model"] == name for r in records):
-                parts += [summary(records, lambda r, n=name, i=inputs: r["model"] == n and _inputs(r) == i
+            if any(r["inputs"] == inputs and r["model"] == name for r in records):
+                parts += [summary(records, lambda r, n=name, i=inputs: r["model"] == n and r["inputs"] == i
                                   and r["config"] in main, f"{name} mixture, {title}"), ""]
     for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["ancestral"],
                           f"{name} mixture, ancestral inversion (eta 1, frozen noise maps)"), ""]
     lam = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" in k]
     for name in models:
-        parts += [summary(records, lambda r, n=name: r["model"] == n and _inputs(r) == "generated"
+        parts += [summary(records, lambda r, n=name: r["model"] == n and r["inputs"] == "generated"
                           and r["config"] in ["ddim", "gnri default"] + lam,
                           f"lambda: {name} mixture, deterministic (gnri default: lam "
                           f"{meta['default_lam']:g})", extra_stats=True), ""]
@@ -234,7 +231,7 @@ def markdown(records, meta) -> str:
     for r in records:
         if r["config"] == "gnri default" and "psnr" in r:
             p = np.array(r["psnr"])
-            tag = {"generated": "", "ancestral": " anc"}.get(_inputs(r), " " + _inputs(r))
+            tag = {"generated": "", "ancestral": " anc"}.get(r["inputs"], " " + r["inputs"])
             parts.append(f"| {r['model']} | {r['family']} | {r['steps']}{tag} | "
                          f"{r['calls_per_step']:.2f} | {p.min():.1f} | {np.percentile(p, 10):.1f} | "
                          f"{np.median(p):.1f} | {below[id(r)]} / {len(p)} |")

@@ -481,10 +481,13 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     guard = o.flip_ratio > 0 and not p.frozen_noise
     source = p.carry.setdefault("input_latent", p.z_prev)  # the latent being inverted
 
+    def finish():  # step 5 on the current state
+        return _finish(p, o, best, before, z, accepted, valid, evaluated)
+
     for iteration in range(o.max_iters + _extra_budget(p, o)):
         if iteration >= o.max_iters:  # step 7: past the budget, only unconverged samples go on
             below = best.relative <= o.extra_tol if o.extra_tol > 0 else torch.zeros_like(ended.done)
-            ended.end(below, *_finish(p, o, best, before, z, accepted, valid, evaluated), slope)
+            ended.end(below, finish, slope)
             if bool(ended.done.all()):
                 break
         if iteration > 0:
@@ -522,10 +525,10 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
         slope = torch.where(accepted | reject, slope, torch.ones_like(slope))  # after a restart: safe step
         if o.contraction > 0 and not p.frozen_noise and before is not None:  # step 6
             stalled = best.relative > o.contraction * before
-            ended.end(stalled, *_finish(p, o, best, before, z, accepted, valid, evaluated), slope)
+            ended.end(stalled, finish, slope)
             if bool(ended.done.all()):
                 break
-    z, best, slope = ended.merge(*_finish(p, o, best, before, z, accepted, valid, evaluated), slope)
+    z, best, slope = ended.merge(*finish(), slope)
     p.carry["data_variance"] = p.data_variance(p.gain(slope))
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
     denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)
@@ -542,10 +545,13 @@ class EndedEarly:
         self.done = torch.zeros_like(best.objective, dtype=torch.bool)
         self.z, self.best, self.slope = best.z, None, slope
 
-    def end(self, where, z, best: BestSoFar, slope) -> None:
+    def end(self, where, finish, slope) -> None:
+        """Ends the samples ``where`` with ``finish()``'s (answer, best iterate), computed only
+        if some sample ends now."""
         where = where & ~self.done
         if not bool(where.any()):
             return
+        z, best = finish()
         self.z = torch.where(per_sample(where, z), z, self.z)
         if self.best is None:
             self.best = best  # a copy (``_finish``); only its ``where`` samples are ever read

@@ -36,8 +36,8 @@ def solver_inputs():
     return [
         io.Int.Input("iterations", default=gnri.max_iters, min=1, max=100,
                      tooltip=("Model calls per inversion step (ddim always uses 1). gnri: a step still "
-                              "unconverged after them (relative residual above 1e-3) continues, up to 5 more; "
-                              "newton_form secant_fixed_budget: exactly these.")),
+                              f"unconverged after them (relative residual above {gnri.extra_tol:g}) continues, "
+                              f"up to {gnri.extra_iters} more; newton_form secant_fixed_budget: exactly these.")),
         io.Float.Input("tolerance", default=gnri.tol, min=0.0, max=1.0, step=1e-5, round=False,
                        tooltip="Stop a step early once its relative residual is below this (0: never)."),
         io.Float.Input("lam", default=gnri.lam, min=0.0, max=100.0, step=0.01, round=False,
