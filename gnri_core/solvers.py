@@ -533,7 +533,9 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
     denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)
     p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}
-    return _result(z, history, len(history), o.tol)
+    # past the budget the step iterated toward extra_tol (step 7): reaching it is converging
+    tol = o.tol if len(history) <= o.max_iters else max(o.tol, o.extra_tol)
+    return _result(z, history, len(history), tol)
 
 
 class EndedEarly:
