@@ -6,7 +6,8 @@
 """
 from .errors import InversionError, InversionInputError
 from .interpolate import concept_noise, frame_weights, slerp
-from .invert import METHODS, check_family, check_latent, check_method, check_sigmas, invert, reconstruct
+from .invert import (METHODS, check_family, check_latent, check_method, check_round_trip, check_sigmas, invert,
+                     reconstruct, round_trip_error)
 from .result import InversionResult, StepResult
 from .sampling import sample_guided_nr, sigmas_ascend
 from .solvers import DEFAULTS, SolverOptions
@@ -14,5 +15,6 @@ from .solvers import DEFAULTS, SolverOptions
 __all__ = [
     "invert", "reconstruct", "sample_guided_nr", "sigmas_ascend", "METHODS", "DEFAULTS",
     "SolverOptions", "InversionResult", "StepResult", "InversionError", "InversionInputError",
-    "check_family", "check_latent", "check_method", "check_sigmas", "slerp", "frame_weights", "concept_noise",
+    "check_family", "check_latent", "check_method", "check_sigmas", "check_round_trip", "round_trip_error",
+    "slerp", "frame_weights", "concept_noise",
 ]

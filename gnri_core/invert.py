@@ -16,7 +16,7 @@ import torch
 
 from .ancestral import ancestral_step, check_noise_maps
 from .errors import InversionInputError
-from .problem import FAMILIES, Denoiser, StepProblem, to_d
+from .problem import ATOL, FAMILIES, Denoiser, StepProblem, per_sample, rms, to_d
 from .result import InversionResult
 from .solvers import DEFAULTS, SOLVERS, SolverOptions
 
@@ -76,17 +76,26 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     With ``noise_maps`` (generation order, see ``ancestral.py``) it inverts Euler-ancestral
     sampling with those frozen maps and ``eta`` instead (``eta`` is that noise amount; the
     paper update's denominator floor is the option ``eta_floor``).
+    The option ``round_trip_check`` (gnri's default 0.05; 0: off) then regenerates from the
+    result and falls back to ``ddim`` per sample where that reproduces the input better
+    (:func:`check_round_trip`).
     """
     method, family = check_method(method), check_family(family)
     check_latent(x0, "x0")
     sigmas = check_sigmas(sigmas, ascending=True, family=family)
     opts = SolverOptions.build(DEFAULTS[method], options)
-    steps = len(sigmas) - 1
     if noise_maps is not None:
-        check_noise_maps(noise_maps, steps, x0.shape)
-    solver = SOLVERS[method]
+        check_noise_maps(noise_maps, len(sigmas) - 1, x0.shape)
     denoise = _with_interrupt(denoise, check_interrupt)
+    result = _invert_steps(denoise, x0, sigmas, method, family, opts, callback, noise_maps, eta)
+    if opts.round_trip_check > 0:
+        result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta)
+    return result
 
+
+def _invert_steps(denoise, x0, sigmas, method, family, opts, callback, noise_maps, eta) -> InversionResult:
+    """The inversion itself: one ``method`` solve per step, up the ascending ``sigmas``."""
+    solver, steps = SOLVERS[method], len(sigmas) - 1
     z = x0.detach().float()
     carry: dict = {}
     result = InversionResult(noise=z, trajectory=[z], sigmas=sigmas, method=method, family=family)
@@ -113,6 +122,42 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
                 callback({"i": i, "x": z, "sigma": sigmas[i + 1], "nfe": result.nfe,
                           "iterations": step.iterations, "residual": step.residual})
     result.noise = z
+    return result
+
+
+def round_trip_error(denoise: Denoiser, x0: torch.Tensor, result: InversionResult,
+                     noise_maps=None, eta: float = 1.0) -> torch.Tensor:
+    """Per sample, rms(reconstruct(result) - x0) / (ATOL + rms(x0)): what regeneration from the
+    inverted noise does (one model call per step)."""
+    x = reconstruct(denoise, result.noise.to(x0.dtype), result.sigmas.flip(0), noise_maps=noise_maps, eta=eta,
+                    family=result.family)
+    return rms(x - x0.float()) / (ATOL + rms(x0.float()))
+
+
+def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResult, threshold: float,
+                     noise_maps=None, eta: float = 1.0) -> InversionResult:
+    """Judges the inversion by what regeneration does to it, not by its residuals: where a
+    sample's round-trip error exceeds ``threshold``, the batch is inverted with ``ddim`` too
+    and each such sample keeps whichever inversion reproduces it better. Naive inversion is
+    the floor a solver must not fall below: a step solved to a root of another basin (a mode
+    flip) regenerates another image however small its residual (docs/benchmark.md).
+    Sets ``round_trip`` (per sample, of the kept inversion) and ``fell_back``."""
+    error = round_trip_error(denoise, x0, result, noise_maps, eta)
+    calls = len(result.sigmas) - 1
+    fell_back = torch.zeros_like(error, dtype=torch.bool)
+    is_naive = result.method == "ddim" or max(result.iterations) == 1  # one iteration per step is ddim
+    if not is_naive and bool((error > threshold).any()):
+        naive = _invert_steps(denoise, x0, result.sigmas, "ddim", result.family, DEFAULTS["ddim"],
+                              None, noise_maps, eta)
+        naive_error = round_trip_error(denoise, x0, naive, noise_maps, eta)
+        calls += 2 * (len(result.sigmas) - 1)
+        fell_back = (error > threshold) & (naive_error < error)
+        error = torch.where(fell_back, naive_error, error)
+        result.trajectory = [torch.where(per_sample(fell_back, ours), theirs, ours)
+                             for ours, theirs in zip(result.trajectory, naive.trajectory)]
+        result.noise = result.trajectory[-1]
+    result.nfe += calls
+    result.round_trip, result.fell_back, result.round_trip_calls = error.tolist(), fell_back.tolist(), calls
     return result
 
 

@@ -40,6 +40,10 @@ class InversionResult:
     iterations:  solver iterations per step.
     codes:       result code per step.
     histories:   relative residual after every iteration, per step.
+    round_trip:  per sample, the relative error of regenerating from ``noise`` (only with
+                 ``round_trip_check``; empty otherwise).
+    fell_back:   per sample, whether the round-trip check kept ``ddim``'s inversion.
+    round_trip_calls: the model calls of that check (included in ``nfe``).
     """
 
     noise: torch.Tensor
@@ -53,6 +57,9 @@ class InversionResult:
     codes: list[str] = field(default_factory=list)
     histories: list[tuple[float, ...]] = field(default_factory=list)
     backward_passes: int = 0
+    round_trip: list[float] = field(default_factory=list)
+    fell_back: list[bool] = field(default_factory=list)
+    round_trip_calls: int = 0
 
     def summary(self) -> str:
         """One line per step, for node UI text and logs."""
@@ -62,4 +69,8 @@ class InversionResult:
             s0, s1 = float(self.sigmas[i]), float(self.sigmas[i + 1])
             lines.append(f"step {i + 1}: sigma {s0:.4g} -> {s1:.4g}, {it} it, "
                          f"residual {res:.2e} ({code})")
+        if self.round_trip:
+            kept = ", ".join(f"{e:.2e}" + (" (ddim kept: it reproduced better)" if back else "")
+                             for e, back in zip(self.round_trip, self.fell_back))
+            lines.append(f"round trip (regenerated vs input, relative error per image): {kept}")
         return "\n".join(lines)

@@ -95,6 +95,14 @@ class SolverOptions:
                       exact on the trained world UNet (4-step round trip median 35.4 dB
                       against 32.4, ``python -m bench recon``), 5x more images below naive
                       inversion on the mixture tails (56 against 10 of 800, docs/benchmark.md).
+    round_trip_check: not a step setting: ``invert`` regenerates from its answer (one model call
+                      per step) and, where a sample's relative round-trip error
+                      rms(x - x0) / (ATOL + rms(x0)) exceeds this, inverts the batch with ddim too
+                      (two calls per step) and keeps per sample whichever reproduces the input
+                      better (``invert.check_round_trip``). 0: off (every method but gnri).
+                      Measured (docs/benchmark.md): the mixture tails' images below naive
+                      inversion 5 -> 0 of 400 (iso), ancestral 5 / 16 -> 0 of 160, real photos
+                      4 -> 0 of 400; on the trained world models it never fell back.
     flip_ratio:       GNRI secant, step 5, deterministic steps: an evaluated iterate whose
                       denoised image D(z, sigma') lies more than this many times as far from the
                       input latent as the nearest one of the step's iterates is a mode flip
@@ -121,6 +129,7 @@ class SolverOptions:
     jacobian: str = "spectral"
     anchor: str = "naive"
     flip_ratio: float = 1.75
+    round_trip_check: float = 0.0
 
     def validated(self) -> "SolverOptions":
         if int(self.max_iters) < 1:
@@ -128,6 +137,8 @@ class SolverOptions:
         if int(self.extra_iters) < 0 or not self.extra_tol >= 0:
             raise InversionInputError(f"extra_iters and extra_tol must be >= 0, got extra_iters="
                                       f"{self.extra_iters}, extra_tol={self.extra_tol}")
+        if not self.round_trip_check >= 0:
+            raise InversionInputError(f"round_trip_check must be >= 0 (0: off), got {self.round_trip_check}")
         if min(self.tol, self.lam, self.eta_floor, self.contraction, self.trust_ratio) < 0:
             raise InversionInputError(
                 f"tol, lam, eta_floor, contraction and trust_ratio must be >= 0, got tol={self.tol}, "
@@ -533,8 +544,8 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     # D at the returned latent, to first order from the best evaluated iterate (gain capped at 1)
     denoised_at_z = best.extra["denoised"] + per_sample(p.gain(slope).clamp(0.0, 1.0), z) * (z - best.z)
     p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}
-    # past the budget the step iterated toward extra_tol (step 7): reaching it is converging
-    tol = o.tol if len(history) <= o.max_iters else max(o.tol, o.extra_tol)
+    # with step 7's budget the step iterates toward extra_tol: reaching it is converging
+    tol = max(o.tol, o.extra_tol) if _extra_budget(p, o) > 0 else o.tol
     return _result(z, history, len(history), tol)
 
 
@@ -714,5 +725,5 @@ DEFAULTS = {
     "anderson": SolverOptions(max_iters=10),
     "renoise": SolverOptions(max_iters=9),
     "newton": SolverOptions(max_iters=2),
-    "gnri": SolverOptions(max_iters=3, extra_iters=5),
+    "gnri": SolverOptions(max_iters=3, extra_iters=5, round_trip_check=0.05),
 }

@@ -301,7 +301,7 @@ def test_more_iterations_reconstruct_better(cid, method, options, problem, famil
 def _check_bookkeeping(result: InversionResult, counter: CountingDenoiser, x0, sigmas, method):
     steps = len(sigmas) - 1
     assert result.nfe == counter.calls
-    assert sum(result.iterations) == result.nfe  # one model call per iteration
+    assert sum(result.iterations) + result.round_trip_calls == result.nfe  # one model call per iteration
     assert len(result.iterations) == len(result.residuals) == len(result.codes) == steps
     assert len(result.histories) == steps
     assert [len(h) for h in result.histories] == result.iterations
@@ -316,8 +316,14 @@ def _check_bookkeeping(result: InversionResult, counter: CountingDenoiser, x0, s
     # the model is evaluated at the noisier level of each step, steps in order
     called = [float(s[0]) for s in counter.sigmas]
     expected = [float(sigmas[i + 1]) for i, n in enumerate(result.iterations) for _ in range(n)]
-    assert called == pytest.approx(expected)
-    assert isinstance(result.summary(), str) and len(result.summary().splitlines()) == steps + 1
+    assert called[:len(expected)] == pytest.approx(expected)
+    # then the round-trip check: a regeneration, and where it fell short ddim and its regeneration
+    regenerate = [float(s) for s in torch.as_tensor(sigmas).flip(0)[:-1]]
+    naive = [float(s) for s in torch.as_tensor(sigmas)[1:]]
+    checks = {0: [], steps: regenerate, 3 * steps: regenerate + naive + regenerate}
+    assert called[len(expected):] == pytest.approx(checks[result.round_trip_calls])
+    lines = steps + 1 + bool(result.round_trip)
+    assert isinstance(result.summary(), str) and len(result.summary().splitlines()) == lines
 
 
 @pytest.mark.parametrize("problem,family", CASES, ids=CASE_IDS)
@@ -368,7 +374,7 @@ def test_backward_passes_counted_for_autograd(cid, method, options):
     den, gen = generated("gaussian", "eps")
     counter = CountingDenoiser(den)
     result = invert(counter, gen.x0, gen.sigmas, method, "eps", **options)
-    assert counter.backward_passes == result.nfe  # one vector-Jacobian product per call
+    assert counter.backward_passes == result.nfe - result.round_trip_calls  # one per inversion call
     assert result.backward_passes == counter.backward_passes
 
 
@@ -409,7 +415,7 @@ def test_schedule_ends_are_finite(cid, method, options, sid, family, schedule, p
     result = invert(counter, x0, sigmas, method, family, **options)
     assert all(torch.isfinite(z).all() for z in result.trajectory)
     assert all(math.isfinite(r) for r in result.residuals)
-    assert float(counter.sigmas[-1][0]) == pytest.approx(schedule[-1])  # the model saw sigma_max
+    assert max(float(s[0]) for s in counter.sigmas) == pytest.approx(schedule[-1])  # the model saw sigma_max
     x = reconstruct(den, result.noise, sigmas)
     assert torch.isfinite(x).all()
 
@@ -580,7 +586,7 @@ def test_autograd_result_is_detached(cid, method, options):
     counter = CountingDenoiser(model)
     result = invert(counter, gen.x0, gen.sigmas, method, "flow", **options)
     _no_graph(result)
-    assert all(counter.grad_enabled)
+    assert all(counter.grad_enabled[:result.nfe - result.round_trip_calls])  # the check regenerates without
     assert model.scale.grad is None  # the VJP is w.r.t. z only; nothing accumulates in weights
 
 
@@ -610,7 +616,7 @@ def test_works_under_inference_mode(cid, method, options):
     assert result.nfe == reference.nfe
     assert torch.isfinite(x).all()
     if options.get("gradient") == "autograd":
-        assert counter.backward_passes == result.nfe
+        assert counter.backward_passes == result.nfe - result.round_trip_calls
 
 
 def test_autograd_through_non_differentiable_model_raises_inversion_error():
@@ -1098,7 +1104,8 @@ def test_no_solver_error_at_any_setting(did, make, family):
             for tol in (0.0, DEFAULTS[method].tol):
                 result = invert(den, x0, sigmas, method, family, max_iters=iterations, tol=tol)
                 assert torch.isfinite(result.noise).all(), (method, iterations, tol)
-                assert result.nfe <= default_iters(method, {"max_iters": iterations}) * (len(sigmas) - 1)
+                inversion_calls = result.nfe - result.round_trip_calls
+                assert inversion_calls <= default_iters(method, {"max_iters": iterations}) * (len(sigmas) - 1)
 
 
 def test_eta_floor_reachable_through_invert():
@@ -1186,8 +1193,8 @@ def test_extra_iterations_only_where_a_step_is_unconverged(problem, family):
     assert max(fixed.iterations) <= 3 and max(adaptive.iterations) <= 8
     for iterations, residual, code in zip(adaptive.iterations, adaptive.residuals, adaptive.codes):
         assert residual <= gnri.extra_tol or iterations == 8, (adaptive.iterations, adaptive.residuals)
-        if iterations > 3:  # the node report says why such a step ended
-            assert code == ("converged" if residual <= gnri.extra_tol else "max_iterations")
+        # the node report says why a step ended: reaching extra_tol is converging, at 3 iterations too
+        assert code == ("converged" if residual <= gnri.extra_tol else "max_iterations")
     first = next((i for i, n in enumerate(adaptive.iterations) if n > 3), None)
     if first is not None:  # the trajectories agree up to there
         assert fixed.residuals[first] > gnri.extra_tol
@@ -1340,3 +1347,71 @@ def test_ancestral_pull_grows_as_the_step_gets_ill_posed(sigma_down, sigma_next,
     deterministic = _guidance_weight(dataclasses.replace(problem, frozen_noise=False), options, 0, r, z, anchor,
                                      beta=1e-6)
     assert float(weight) == pytest.approx(pull * float(deterministic), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# the round-trip check: judge the inversion by regenerating, fall back to ddim per sample
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_check_keeps_a_good_inversion_and_counts_its_calls(family):
+    """An inversion that regenerates its input within the threshold is kept as it is; the
+    check costs one regeneration (one call per step) and reports the per-sample error."""
+    den, gen = generated("mixture", family)
+    counter = CountingDenoiser(den)
+    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, round_trip_check=0.0)
+    checked = invert(counter, gen.x0, gen.sigmas, "gnri", family)
+    assert DEFAULTS["gnri"].round_trip_check == 0.05 and DEFAULTS["anderson"].round_trip_check == 0
+    steps = len(gen.sigmas) - 1
+    assert counter.calls == checked.nfe == plain.nfe + steps
+    torch.testing.assert_close(checked.noise, plain.noise, rtol=0, atol=0)
+    assert checked.fell_back == [False, False] and len(checked.round_trip) == 2
+    x = reconstruct(den, plain.noise, gen.sigmas)
+    for i, error in enumerate(checked.round_trip):
+        assert error == pytest.approx(relative_error(x[i:i + 1], gen.x0[i:i + 1]), rel=1e-2, abs=1e-6)
+    assert "round trip" in checked.summary() and "round trip" not in plain.summary()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_check_falls_back_to_ddim_only_where_it_reproduces_better(family):
+    """A sample whose inverted noise regenerates another image takes ddim's inversion (noise
+    and trajectory); the other sample keeps its own; the batch pays two calls per step more."""
+    den, gen = generated("mixture", family)
+    result = invert(den, gen.x0, gen.sigmas, "gnri", family)
+    good = result.noise.clone()
+    ruined = [z.clone() for z in result.trajectory]
+    ruined[-1][1] = -ruined[-1][1]  # sample 1's noise now regenerates something else
+    result.trajectory, result.noise = ruined, ruined[-1]
+    nfe = result.nfe
+    checked = gnri_core.check_round_trip(den, gen.x0, result, threshold=0.05)
+    ddim = invert(den, gen.x0, gen.sigmas, "ddim", family)
+    assert checked.fell_back == [False, True]
+    assert checked.nfe == nfe + 3 * (len(gen.sigmas) - 1)
+    torch.testing.assert_close(checked.noise[0], good[0], rtol=0, atol=0)
+    torch.testing.assert_close(checked.noise[1], ddim.noise[1], rtol=0, atol=0)
+    for ours, naive in zip(checked.trajectory, ddim.trajectory):
+        torch.testing.assert_close(ours[1], naive[1], rtol=0, atol=0)
+    x = reconstruct(den, ddim.noise, gen.sigmas)
+    assert checked.round_trip[1] == pytest.approx(relative_error(x[1:], gen.x0[1:]), rel=1e-2)  # ATOL in the scale
+
+
+def test_round_trip_check_is_per_sample_and_works_with_frozen_noise_maps():
+    """A sample's result does not depend on its batch, with the check too; ancestral
+    inversions are checked by regenerating with their own frozen maps."""
+    den, sigmas, noise, maps, x0 = _ancestral_case("mixture", "eps")
+    batch = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, round_trip_check=1e-12)
+    assert len(batch.round_trip) == len(batch.fell_back) == x0.shape[0]
+    for i in range(x0.shape[0]):
+        alone = invert(den, x0[i:i + 1], sigmas, "gnri", "eps", round_trip_check=1e-12,
+                       noise_maps=[None if m is None else m[i:i + 1] for m in maps])
+        torch.testing.assert_close(alone.noise, batch.noise[i:i + 1], rtol=1e-5, atol=1e-5)
+        assert alone.fell_back == [batch.fell_back[i]]
+        assert alone.round_trip[0] == pytest.approx(batch.round_trip[i], rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan")])
+def test_round_trip_check_is_validated(value):
+    den, gen = generated("gaussian", "eps")
+    with pytest.raises(InversionInputError, match="round_trip_check"):
+        invert(den, gen.x0, gen.sigmas, "gnri", "eps", round_trip_check=value)
