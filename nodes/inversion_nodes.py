@@ -59,6 +59,17 @@ def solver_inputs():
     ]
 
 
+def round_trip_input():
+    """Optional, last: saved workflows without it keep their widget order and get the default."""
+    return io.Float.Input("round_trip_check", default=DEFAULTS["gnri"].round_trip_check, min=0.0, max=10.0,
+                          step=0.01, round=False, optional=True,
+                          tooltip=("After inverting, regenerate once (one model call per step) and report how "
+                                   "closely that reproduces the input. Where an image's relative error exceeds "
+                                   "this, also invert it naively (ddim, two calls per step) and keep whichever "
+                                   "reproduces it better: never worse than naive inversion. 0: off (exactly "
+                                   "the solver's calls). Not with method ddim."))
+
+
 def choice(table: dict, value: str, name: str) -> dict:
     if value not in table:
         raise InversionInputError(f"{name}: unknown {value!r}; expected one of {list(table)}")
@@ -66,11 +77,14 @@ def choice(table: dict, value: str, name: str) -> dict:
 
 
 def solver_options(method: str, iterations: int, tolerance: float, lam: float,
-                   sampler: str = "euler", newton_form: str = "secant") -> dict:
+                   sampler: str = "euler", newton_form: str = "secant", round_trip_check=None) -> dict:
     check_finite(tolerance=tolerance, lam=lam)
+    check_finite(round_trip_check=round_trip_check)
     options = dict(choice(SAMPLERS, sampler, "sampler"))
-    if method != "ddim":
+    if method != "ddim":  # ddim: 1 call per step, nothing to check it against
         options.update(max_iters=iterations, tol=tolerance, lam=lam)
+        if round_trip_check is not None:
+            options.update(round_trip_check=round_trip_check)
     if method in ("gnri", "newton"):
         options.update(choice(NEWTON_FORMS, newton_form, "newton_form"))
     return options
@@ -115,6 +129,7 @@ class GNRIInvert(io.ComfyNode):
                                       "generation step N starts; 0 inverts fully. Regenerate with the sigmas "
                                       "output, or KSamplerAdvanced start_at_step N. Same as SplitSigmas(N)'s "
                                       "low sigmas into `sigmas`.")),
+                round_trip_input(),
             ],
             outputs=[
                 io.Latent.Output(display_name="inverted_latent"),
@@ -127,10 +142,10 @@ class GNRIInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, cfg, method, iterations,
                 tolerance, lam, sampler, newton_form, noise_seed=0, negative=None,
-                sigmas=None, end_at_step=0) -> io.NodeOutput:
+                sigmas=None, end_at_step=0, round_trip_check=None) -> io.NodeOutput:
         check_finite(cfg=cfg)
         ascending = partial(schedule(model, steps, scheduler, sigmas), end_at_step)
-        options = solver_options(method, iterations, tolerance, lam, sampler, newton_form)
+        options = solver_options(method, iterations, tolerance, lam, sampler, newton_form, round_trip_check)
         inverted, inversion = invert_latent(model, positive, negative, latent, ascending, cfg, method,
                                             seed=noise_seed, **options)
         noise = InvertedNoise(inversion.result.noise, float(ascending[-1]),
@@ -151,11 +166,12 @@ class GuidedNRSampler(io.ComfyNode):
             category=CATEGORY,
             description=("SAMPLER for SamplerCustom(Advanced): inverts on ascending sigmas (FlipSigmas), "
                          "samples with the matching deterministic Euler/DDIM step on descending sigmas."),
-            inputs=[method_input(), *solver_inputs()],
+            inputs=[method_input(), *solver_inputs(), round_trip_input()],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, method, iterations, tolerance, lam, sampler, newton_form) -> io.NodeOutput:
-        options = solver_options(method, iterations, tolerance, lam, sampler, newton_form)
+    def execute(cls, method, iterations, tolerance, lam, sampler, newton_form,
+                round_trip_check=None) -> io.NodeOutput:
+        options = solver_options(method, iterations, tolerance, lam, sampler, newton_form, round_trip_check)
         return io.NodeOutput(guided_nr_sampler(method, **options))

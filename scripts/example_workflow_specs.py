@@ -49,7 +49,8 @@ def image_and_prompts(model, clip, vae, image_y=500):
     ]
 
 
-REAL_TIME = {"newton_form": "secant_fixed_budget"}  # exactly `iterations` calls per step (docs/guide.md)
+# exactly `iterations` calls per step, no regeneration check (docs/guide.md)
+REAL_TIME = {"newton_form": "secant_fixed_budget", "round_trip_check": 0.0}
 
 
 def invert_and_regenerate(model, steps, scheduler, vae, **invert):
@@ -118,8 +119,10 @@ TURBO_NOTE = """## SDXL-Turbo: real-time edit (4 steps)
    everything outside the mask exactly.
 
 Tune: `threshold` of the mask (lower = larger area), `strength` (>1 exaggerates).
-`newton_form` is `secant_fixed_budget` here: exactly 3 calls per step, for speed; `secant`
-iterates unconverged steps further (up to 8): more exact round trips, about 2x the time."""
+`newton_form` is `secant_fixed_budget` and `round_trip_check` 0 here: exactly 3 calls per
+step, for speed; `secant` iterates unconverged steps further (up to 8): more exact round
+trips, about 2x the time; `round_trip_check` 0.05 (the default) regenerates once to check
+the inversion and falls back to naive inversion where that reproduces the photo better."""
 
 FLUX_NOTE = """## Flux.1-schnell: real-time edit (4 steps)
 
@@ -130,8 +133,9 @@ FLUX_NOTE = """## Flux.1-schnell: real-time edit (4 steps)
 
 Flow models: regenerate with SamplerCustomAdvanced from the `noise` output (as here);
 ComfyUI's native FlipSigmas inversion returns inf on Flux. `newton_form` is
-`secant_fixed_budget` here (3 calls per step: for speed, and more editable without a
-mask); `secant` iterates unconverged steps further: more exact round trips."""
+`secant_fixed_budget` and `round_trip_check` 0 here (3 calls per step: for speed, and more
+editable without a mask); `secant` iterates unconverged steps further: more exact round
+trips; `round_trip_check` 0.05 (the default) checks the inversion by regenerating it."""
 
 CHECK_NOTE = """## Reconstruction check: GNRI vs ComfyUI's native inversion
 

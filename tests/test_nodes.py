@@ -122,7 +122,8 @@ def test_native_flipsigmas_is_inf_on_flow(executor):
 
 
 def test_invert_outputs_inversion_and_ui_text(executor):
-    prompt = {**source_nodes("eps"), "invert": invert_node(steps=4, iterations=2, newton_form="secant_fixed_budget"),
+    prompt = {**source_nodes("eps"), "invert": invert_node(steps=4, iterations=2, newton_form="secant_fixed_budget",
+                                                           round_trip_check=0.0),
               **regenerate_advanced()}
     ui = executor.run(prompt)
     _, noise, sigmas, inversion = executor.node_output("invert")
@@ -132,6 +133,20 @@ def test_invert_outputs_inversion_and_ui_text(executor):
     assert inversion.settings["method"] == "gnri"
     text = " ".join(str(t) for t in ui.get("invert", {}).get("text", []))
     assert "8 model calls" in text and "step 4" in text, ui.get("invert")
+
+
+def test_invert_reports_the_round_trip_that_stock_sampling_reproduces(executor):
+    """By default GNRI Invert regenerates once to check its answer: the relative error it
+    reports is the one ComfyUI's stock SamplerCustomAdvanced then gets from its noise."""
+    prompt = {**source_nodes("eps"), "invert": invert_node(steps=4, iterations=3), **regenerate_advanced()}
+    assert "round_trip_check" not in prompt["invert"]["inputs"]  # as in workflows saved before it existed
+    ui = executor.run(prompt)
+    stats = ui["stats"]["gnri_stats"][0]
+    result = executor.node_output("invert")[3].result
+    assert result.round_trip_calls in (4, 12) and result.fell_back == [False]
+    assert result.round_trip[0] == pytest.approx(stats["rel_rms"], rel=0.05, abs=1e-6)
+    text = " ".join(str(t) for t in ui.get("invert", {}).get("text", []))
+    assert "round trip (regenerated vs input" in text, text
 
 
 def test_progress_one_tick_per_step(executor):
@@ -295,3 +310,20 @@ def test_newton_form_secant_last_step_is_the_core_option():
     options = nodes.solver_options("gnri", 3, 1e-4, 1.0, "euler", "secant_last_step")
     assert options["update"] == "secant" and options["trust_ratio"] == 0.0
     assert "trust_ratio" not in nodes.solver_options("gnri", 3, 1e-4, 1.0, "euler", "secant")
+
+
+def test_round_trip_check_widget_reaches_the_core_except_for_ddim():
+    """The optional ``round_trip_check`` input: absent (older workflows) -> the core default;
+    a value -> passed on; ddim stays one call per step; NaN -> a clear error."""
+    from gnri_testing import pack_loader
+    pack = pack_loader.pack_module()
+    nodes = pack.nodes.inversion_nodes
+    assert "round_trip_check" not in nodes.solver_options("gnri", 3, 1e-4, 0.3)
+    assert nodes.solver_options("gnri", 3, 1e-4, 0.3, round_trip_check=0.0)["round_trip_check"] == 0.0
+    assert nodes.solver_options("anderson", 3, 1e-4, 0.3, round_trip_check=0.1)["round_trip_check"] == 0.1
+    assert "round_trip_check" not in nodes.solver_options("ddim", 3, 1e-4, 0.3, round_trip_check=0.05)
+    with pytest.raises(pack.gnri_core.InversionInputError, match="round_trip_check"):
+        nodes.solver_options("gnri", 3, 1e-4, 0.3, round_trip_check=float("nan"))
+    schema = nodes.GNRIInvert.define_schema()
+    assert schema.inputs[-1].id == "round_trip_check" and schema.inputs[-1].optional
+    assert schema.inputs[-1].default == pack.gnri_core.DEFAULTS["gnri"].round_trip_check
