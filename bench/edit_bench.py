@@ -67,9 +67,10 @@ class Config:
     amb_step: int = -1
     blocks: str = "default"       # unet: attention grid target "16" (default) / "4"; flux: double blocks "0" / "1"
     newton_form: str = "secant"   # GNRI Invert's newton_form
+    round_trip_check: float = -1.0  # -1: GNRI Invert's default
 
     def inversion_key(self):
-        return (self.method, self.iterations, self.tol, self.lam, self.newton_form)
+        return (self.method, self.iterations, self.tol, self.lam, self.newton_form, self.round_trip_check)
 
     def mask_key(self):
         return self.inversion_key() + (self.threshold, self.amb_step, self.blocks)
@@ -82,7 +83,7 @@ METHODS = [  # (label, config): every inversion method at its budget
     ("fixed_point 2", Config(method="fixed_point", iterations=2, tol=0.0)),
     ("anderson 2", Config(method="anderson", iterations=2, tol=0.0)),
     ("gnri default", DEFAULT),
-    ("gnri 2", Config(iterations=2, tol=0.0, newton_form="secant_fixed_budget")),
+    ("gnri 2", Config(iterations=2, tol=0.0, newton_form="secant_fixed_budget", round_trip_check=0.0)),
 ]
 
 
@@ -170,7 +171,8 @@ class World:
             core = self.pack.gnri_core.DEFAULTS[config.method]
             options = self.inv_nodes.solver_options(
                 config.method, config.iterations or core.max_iters, core.tol if config.tol < 0 else config.tol,
-                core.lam if config.lam < 0 else config.lam, newton_form=config.newton_form)
+                core.lam if config.lam < 0 else config.lam, newton_form=config.newton_form,
+                round_trip_check=None if config.round_trip_check < 0 else config.round_trip_check)
             _, inversion = self.glue.invert_latent(self.model, positive, None, {"samples": x0}, ascending, 1.0,
                                                    config.method, **options)
         return inversion, self.clock.per_image(x0.shape[0])

@@ -43,17 +43,20 @@ SDXL_DRY = dict(SDXL_UNET, model_channels=32, transformer_depth=[0, 0, 1, 1], ch
 FLUX_DRY = dict(FLUX_SCHNELL, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
                 axes_dim=[8, 12, 12], context_in_dim=64, vec_in_dim=32)
 
-METHODS = [  # (label, method, options); tol 0, extra_iters 0: exactly 2 model calls per step
+GNRI_TWO = {"max_iters": 2, "tol": 0.0, "extra_iters": 0, "round_trip_check": 0.0}
+METHODS = [  # (label, method, options); tol 0 (gnri: no extra iterations, no round-trip check): exactly 2 calls per step
     ("ComfyUI FlipSigmas+euler", "native", {}),
     ("ddim", "ddim", {}),
-    ("fixed_point ×2", "fixed_point", {"max_iters": 2, "tol": 0.0, "extra_iters": 0}),
-    ("anderson ×2", "anderson", {"max_iters": 2, "tol": 0.0, "extra_iters": 0}),
-    ("renoise ×2", "renoise", {"max_iters": 2, "tol": 0.0, "extra_iters": 0}),
-    ("gnri paper, detached ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0, "update": "paper"}),
-    ("gnri paper, autograd ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0, "update": "paper", "gradient": "autograd"}),
-    ("gnri secant + Euler predictor ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0, "predictor": "euler"}),
-    ("gnri (default) ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0}),
-    ("gnri default (GNRI Invert: 3 calls/step, up to 8 where unconverged)", "gnri", {}),
+    ("fixed_point ×2", "fixed_point", {"max_iters": 2, "tol": 0.0}),
+    ("anderson ×2", "anderson", {"max_iters": 2, "tol": 0.0}),
+    ("renoise ×2", "renoise", {"max_iters": 2, "tol": 0.0}),
+    ("gnri paper, detached ×2", "gnri", {**GNRI_TWO, "update": "paper"}),
+    ("gnri paper, autograd ×2", "gnri", {**GNRI_TWO, "update": "paper", "gradient": "autograd"}),
+    ("gnri secant + Euler predictor ×2", "gnri", {**GNRI_TWO, "predictor": "euler"}),
+    ("gnri (default) ×2", "gnri", GNRI_TWO),
+    ("gnri fixed budget, no check (the real-time workflows: 3 calls/step)", "gnri",
+     {"extra_iters": 0, "round_trip_check": 0.0}),
+    ("gnri default (GNRI Invert: 3 calls/step, up to 8 where unconverged, + the round-trip check)", "gnri", {}),
 ]
 
 

@@ -60,7 +60,8 @@ def relative_to_naive(rows: list) -> list:
 def core_options(spec: Spec, budget: int) -> dict:
     if spec.method == "ddim":
         return {}
-    return dict(spec.options, max_iters=int(budget), tol=0.0, extra_iters=0)
+    # exactly ``budget`` calls per step: no early stop, no extra iterations, no round-trip check
+    return dict(spec.options, max_iters=int(budget), tol=0.0, extra_iters=0, round_trip_check=0.0)
 
 
 class _NativeModel:

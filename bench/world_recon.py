@@ -24,7 +24,7 @@ import torch
 
 from . import env, metrics
 from .edit_bench import Config, World
-from .tails import PREVIOUS_DEFAULT
+from .tails import FIXED_BUDGET, NO_CHECK, NO_CHECK_KEY, PREVIOUS_DEFAULT
 
 STEPS = (4, 20)
 SEEDS = {"unet": 77, "flux": 78}
@@ -34,13 +34,15 @@ ROWS = (  # (label, method, core options)
     ("native (FlipSigmas)", "native", {}),
     ("ddim", "ddim", {}),
     ("gnri default", "gnri", {}),
-    ("gnri, trust_ratio 0 (the previous step 5)", "gnri", {"trust_ratio": 0.0}),
-    ("gnri, fixed budget (extra_iters 0)", "gnri", {"extra_iters": 0}),
-    ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0}),
-    ("gnri, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0}),
+    (NO_CHECK_KEY, "gnri", NO_CHECK),
+    ("no check, trust_ratio 0 (the previous step 5)", "gnri", {"trust_ratio": 0.0, **NO_CHECK}),
+    ("gnri fixed budget (extra_iters 0), no check", "gnri", FIXED_BUDGET),
+    ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0, **NO_CHECK}),
+    ("no check, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0, **NO_CHECK}),
     ("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT),
     ("ddim, euler_ancestral", "ddim", {"ancestral": True}),  # frozen noise maps, regenerated the same way
     ("gnri default, euler_ancestral", "gnri", {"ancestral": True}),
+    (NO_CHECK_KEY + ", euler_ancestral", "gnri", {"ancestral": True, **NO_CHECK}),
 )
 SLACK_DB = 1.0
 ROUND_TRIP = Config(strength=0.0, edit_cfg=1.0, mask="none")  # Prompt Swap Edit: the same caption, cfg 1
