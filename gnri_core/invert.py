@@ -78,7 +78,8 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     paper update's denominator floor is the option ``eta_floor``).
     The option ``round_trip_check`` (gnri's default 0.05; 0: off) then regenerates from the
     result and falls back to ``ddim`` per sample where that reproduces the input better
-    (:func:`check_round_trip`).
+    (:func:`check_round_trip`); ``callback`` then also gets its steps, marked ``"phase"``,
+    and every dict carries ``"total"``, the callbacks expected so far (for progress bars).
     """
     method, family = check_method(method), check_family(family)
     check_latent(x0, "x0")
@@ -87,10 +88,28 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     if noise_maps is not None:
         check_noise_maps(noise_maps, len(sigmas) - 1, x0.shape)
     denoise = _with_interrupt(denoise, check_interrupt)
-    result = _invert_steps(denoise, x0, sigmas, method, family, opts, callback, noise_maps, eta)
+    steps = len(sigmas) - 1
+    progress = _Progress(callback, steps * (2 if opts.round_trip_check > 0 else 1))
+    result = _invert_steps(denoise, x0, sigmas, method, family, opts, progress.step, noise_maps, eta)
     if opts.round_trip_check > 0:
-        result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta)
+        result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta, progress)
     return result
+
+
+class _Progress:
+    """Numbers the callbacks of the inversion and of the round-trip check in one sequence,
+    each with the total expected so far (the check's fallback to ddim adds to it)."""
+
+    def __init__(self, callback, total: int):
+        self.callback, self.total, self.done = callback, total, 0
+
+    def step(self, info: dict) -> None:
+        if self.callback is not None:
+            self.callback(dict(info, i=self.done, total=self.total))
+        self.done += 1
+
+    def phase(self, name: str):
+        return lambda info: self.step(dict(info, phase=name))
 
 
 def _invert_steps(denoise, x0, sigmas, method, family, opts, callback, noise_maps, eta) -> InversionResult:
@@ -126,30 +145,32 @@ def _invert_steps(denoise, x0, sigmas, method, family, opts, callback, noise_map
 
 
 def round_trip_error(denoise: Denoiser, x0: torch.Tensor, result: InversionResult,
-                     noise_maps=None, eta: float = 1.0) -> torch.Tensor:
+                     noise_maps=None, eta: float = 1.0, callback=None) -> torch.Tensor:
     """Per sample, rms(reconstruct(result) - x0) / (ATOL + rms(x0)): what regeneration from the
     inverted noise does (one model call per step)."""
     x = reconstruct(denoise, result.noise.to(x0.dtype), result.sigmas.flip(0), noise_maps=noise_maps, eta=eta,
-                    family=result.family)
+                    family=result.family, callback=callback)
     return rms(x - x0.float()) / (ATOL + rms(x0.float()))
 
 
 def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResult, threshold: float,
-                     noise_maps=None, eta: float = 1.0) -> InversionResult:
+                     noise_maps=None, eta: float = 1.0, progress: Optional[_Progress] = None) -> InversionResult:
     """Judges the inversion by what regeneration does to it, not by its residuals: where a
     sample's round-trip error exceeds ``threshold``, the batch is inverted with ``ddim`` too
     and each such sample keeps whichever inversion reproduces it better. Naive inversion is
     the floor a solver must not fall below: a step solved to a root of another basin (a mode
     flip) regenerates another image however small its residual (docs/benchmark.md).
     Sets ``round_trip`` (per sample, of the kept inversion) and ``fell_back``."""
-    error = round_trip_error(denoise, x0, result, noise_maps, eta)
+    progress = progress or _Progress(None, 0)
+    error = round_trip_error(denoise, x0, result, noise_maps, eta, progress.phase("round_trip"))
     calls = len(result.sigmas) - 1
     fell_back = torch.zeros_like(error, dtype=torch.bool)
     is_naive = result.method == "ddim" or max(result.iterations) == 1  # one iteration per step is ddim
     if not is_naive and bool((error > threshold).any()):
+        progress.total += 2 * calls
         naive = _invert_steps(denoise, x0, result.sigmas, "ddim", result.family, DEFAULTS["ddim"],
-                              None, noise_maps, eta)
-        naive_error = round_trip_error(denoise, x0, naive, noise_maps, eta)
+                              progress.phase("ddim"), noise_maps, eta)
+        naive_error = round_trip_error(denoise, x0, naive, noise_maps, eta, progress.phase("ddim_round_trip"))
         calls += 2 * (len(result.sigmas) - 1)
         fell_back = (error > threshold) & (naive_error < error)
         error = torch.where(fell_back, naive_error, error)

@@ -35,8 +35,8 @@ def sample_guided_nr(model, x, sigmas, extra_args=None, callback=None, disable=N
 
     def report(info):
         if callback is not None:
-            callback({"x": info["x"], "i": info["i"], "sigma": info["sigma"],
-                      "sigma_hat": info["sigma"], "denoised": info.get("denoised", info["x"])})
+            callback({"x": info["x"], "i": info["i"], "sigma": info["sigma"], "sigma_hat": info["sigma"],
+                      "denoised": info.get("denoised", info["x"]), "total": info.get("total")})
 
     if sigmas_ascend(sigmas):
         result = invert(denoise, x, sigmas, method=method, family=family, callback=report,

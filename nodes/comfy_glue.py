@@ -172,8 +172,8 @@ class GuidedNRKSampler(comfy.samplers.KSAMPLER):
         model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
         model_k.latent_image, model_k.noise = latent_image, noise
         total = len(sigmas) - 1
-        k_callback = None if callback is None else (
-            lambda d: callback(d["i"], d["denoised"], d["x"], total))
+        k_callback = None if callback is None else (  # inversion: the core's total counts its round-trip check
+            lambda d: callback(d["i"], d["denoised"], d["x"], d.get("total") or total))
         return sample_guided_nr(model_k, x, sigmas, extra_args=extra_args, callback=k_callback,
                                 disable=disable_pbar, **options)
 

@@ -791,6 +791,14 @@ def test_callback_once_per_step(cid, method, options):
     den, gen = generated("mixture", "eps")
     seen: list = []
     result = gnri_core.invert(den, gen.x0, gen.sigmas, method=method, callback=seen.append, **options)
+    check = [info for info in seen if "phase" in info]  # the round-trip check's steps come last
+    seen = [info for info in seen if "phase" not in info]
+    assert [info["i"] for info in check] == list(range(4, 4 + len(check)))
+    assert len(check) == result.round_trip_calls
+    assert [info["phase"] for info in check] in ([], ["round_trip"] * 4,
+                                                 ["round_trip"] * 4 + ["ddim"] * 4 + ["ddim_round_trip"] * 4)
+    assert all(info["total"] == (8 if info["i"] < 8 else 16) for info in check)
+    assert all(info["total"] == 4 + (4 if check else 0) for info in seen)
     assert [info["i"] for info in seen] == list(range(4))
     assert [float(info["sigma"]) for info in seen] == pytest.approx(gen.sigmas[1:].tolist())
     for i, info in enumerate(seen):
@@ -842,8 +850,11 @@ def test_sample_guided_nr_inverts_and_samples(cid, method, options, family):
     expected = gnri_core.invert(den, gen.x0, gen.sigmas, method=method, family=family, **options)
     assert torch.equal(noise, expected.noise.to(gen.x0.dtype))
     assert torch.equal(noise, result.noise)
-    assert len(callbacks) == 4
-    assert all({"x", "i", "sigma", "sigma_hat", "denoised"} <= set(c) for c in callbacks)
+    # one per step, then one per step of the round-trip check, numbered on, with the total so far
+    assert len(callbacks) == 4 + result.round_trip_calls
+    assert [c["i"] for c in callbacks] == list(range(len(callbacks)))
+    assert all({"x", "i", "sigma", "sigma_hat", "denoised", "total"} <= set(c) for c in callbacks)
+    assert callbacks[-1]["total"] == len(callbacks)
 
     model.extra.clear()
     callbacks.clear()

@@ -150,12 +150,18 @@ def test_invert_reports_the_round_trip_that_stock_sampling_reproduces(executor):
 
 
 def test_progress_one_tick_per_step(executor):
-    ticks = []
-    prompt = {**source_nodes("eps"), "invert": invert_node(steps=5, iterations=2),
-              **regenerate_advanced()}
-    executor.run(prompt, on_progress=lambda value, total, node: ticks.append((node, value, total)))
-    invert_ticks = [(v, t) for node, v, t in ticks if node == "invert"]
-    assert invert_ticks == [(i, 5) for i in range(1, 6)]
+    """One tick per inversion step, then one per step of the round-trip check's regeneration
+    (the bar's total counts them from the start), and none for the check when it is off."""
+    for check, expected in ((0.0, [(i, 5) for i in range(1, 6)]), (None, [(i, 10) for i in range(1, 11)])):
+        ticks = []
+        invert = invert_node(steps=5, iterations=2)
+        if check is not None:
+            invert["inputs"]["round_trip_check"] = check
+        prompt = {**source_nodes("eps"), "invert": invert, **regenerate_advanced()}
+        executor.run(prompt, on_progress=lambda value, total, node: ticks.append((node, value, total)))
+        invert_ticks = [(v, t) for node, v, t in ticks if node == "invert"]
+        fell_through = executor.node_output("invert")[3].result.round_trip_calls == 15
+        assert invert_ticks == (expected + [(i, 20) for i in range(11, 21)] if fell_through else expected)
 
 
 def test_interrupt_between_iterations(executor):
