@@ -70,7 +70,7 @@ class InversionResult:
             lines.append(f"step {i + 1}: sigma {s0:.4g} -> {s1:.4g}, {it} it, "
                          f"residual {res:.2e} ({code})")
         if self.round_trip:
-            kept = ", ".join(f"{e:.2e}" + (" (ddim kept: it reproduced better)" if back else "")
+            kept = ", ".join(f"{100 * e:.2g} %" + (" (naive inversion kept: it reproduced better)" if back else "")
                              for e, back in zip(self.round_trip, self.fell_back))
             lines.append(f"round trip (regenerated vs input, relative error per image): {kept}")
         return "\n".join(lines)
