@@ -22,6 +22,7 @@ import sys
 import time
 
 from . import env
+from .methods import BY_KEY, core_options
 
 PAPER_SECONDS = 0.4  # GNRI paper: inversion + edit, SDXL-Turbo / Flux.1-schnell, 4 steps, A100
 
@@ -43,7 +44,7 @@ SDXL_DRY = dict(SDXL_UNET, model_channels=32, transformer_depth=[0, 0, 1, 1], ch
 FLUX_DRY = dict(FLUX_SCHNELL, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
                 axes_dim=[8, 12, 12], context_in_dim=64, vec_in_dim=32)
 
-GNRI_TWO = {"max_iters": 2, "tol": 0.0, "extra_iters": 0, "round_trip_check": 0.0}
+GNRI_TWO = core_options(BY_KEY["gnri"], 2)
 METHODS = [  # (label, method, options); tol 0 (gnri: no extra iterations, no round-trip check): exactly 2 calls per step
     ("ComfyUI FlipSigmas+euler", "native", {}),
     ("ddim", "ddim", {}),

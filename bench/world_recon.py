@@ -24,6 +24,7 @@ import torch
 
 from . import env, metrics
 from .edit_bench import Config, World
+from .methods import BY_KEY, core_options
 from .tails import FIXED_BUDGET, NO_CHECK, NO_CHECK_KEY, PREVIOUS_DEFAULT
 
 STEPS = (4, 20)
@@ -37,7 +38,7 @@ ROWS = (  # (label, method, core options)
     (NO_CHECK_KEY, "gnri", NO_CHECK),
     ("no check, trust_ratio 0 (the previous step 5)", "gnri", {"trust_ratio": 0.0, **NO_CHECK}),
     ("gnri fixed budget (extra_iters 0), no check", "gnri", FIXED_BUDGET),
-    ("gnri ×2", "gnri", {"max_iters": 2, "tol": 0.0, "extra_iters": 0, **NO_CHECK}),
+    ("gnri ×2", "gnri", core_options(BY_KEY["gnri"], 2)),
     ("no check, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0, **NO_CHECK}),
     ("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT),
     ("ddim, euler_ancestral", "ddim", {"ancestral": True}),  # frozen noise maps, regenerated the same way

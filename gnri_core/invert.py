@@ -85,10 +85,10 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     check_latent(x0, "x0")
     sigmas = check_sigmas(sigmas, ascending=True, family=family)
     opts = SolverOptions.build(DEFAULTS[method], options)
-    if noise_maps is not None:
-        check_noise_maps(noise_maps, len(sigmas) - 1, x0.shape)
-    denoise = _with_interrupt(denoise, check_interrupt)
     steps = len(sigmas) - 1
+    if noise_maps is not None:
+        check_noise_maps(noise_maps, steps, x0.shape)
+    denoise = _with_interrupt(denoise, check_interrupt)
     progress = _Progress(callback, steps * (2 if opts.round_trip_check > 0 else 1))
     result = _invert_steps(denoise, x0, sigmas, method, family, opts, progress.step, noise_maps, eta)
     if opts.round_trip_check > 0:
@@ -163,15 +163,15 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     Sets ``round_trip`` (per sample, of the kept inversion) and ``fell_back``."""
     progress = progress or _Progress(None, 0)
     error = round_trip_error(denoise, x0, result, noise_maps, eta, progress.phase("round_trip"))
-    calls = len(result.sigmas) - 1
+    steps = calls = len(result.sigmas) - 1
     fell_back = torch.zeros_like(error, dtype=torch.bool)
     is_naive = result.method == "ddim" or max(result.iterations) == 1  # one iteration per step is ddim
     if not is_naive and bool((error > threshold).any()):
-        progress.total += 2 * calls
+        progress.total += 2 * steps
         naive = _invert_steps(denoise, x0, result.sigmas, "ddim", result.family, DEFAULTS["ddim"],
                               progress.phase("ddim"), noise_maps, eta)
         naive_error = round_trip_error(denoise, x0, naive, noise_maps, eta, progress.phase("ddim_round_trip"))
-        calls += 2 * (len(result.sigmas) - 1)
+        calls += 2 * steps
         fell_back = (error > threshold) & (naive_error < error)
         error = torch.where(fell_back, naive_error, error)
         result.trajectory = [torch.where(per_sample(fell_back, ours), theirs, ours)

@@ -66,7 +66,7 @@ def round_trip_input():
                           tooltip=("After inverting, regenerate once (one model call per step) and report how "
                                    "closely that reproduces the input. Where an image's relative error exceeds "
                                    "this, also invert it naively (ddim, two calls per step) and keep whichever "
-                                   "reproduces it better: never worse than naive inversion. 0: off (exactly "
+                                   "reproduces it better: an image that misses this is never worse than naive inversion. 0: off (exactly "
                                    "the solver's calls). Not with method ddim."))
 
 
