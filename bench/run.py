@@ -4,7 +4,7 @@ One command, one subcommand per benchmark (all over the one method registry, met
 
     python -m bench                   # suite: every method on every case -> bench/results/
     python -m bench --quick           # the suite, < 2 min on 2 cores -> bench/results/quick/
-    python -m bench tails [--quick]   # per-image distributions over >= 100 generated images (tails.py)
+    python -m bench tails [--quick] [--batch 1]  # per-image distributions over >= 100 generated images (tails.py)
     python -m bench sensitivity       # regeneration's sensitivity to tiny noise errors (sensitivity.py)
     python -m bench edit [--quick]    # editing benchmark on the world models (edit_bench.py)
     python -m bench uses [--quick]    # interpolation and rare-concept seeds on the world models (uses_bench.py)
@@ -61,6 +61,8 @@ def parse(argv=None):
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
     p.add_argument("--models", help="tails: comma-separated photo models to run (dct, iso; default both)")
+    p.add_argument("--batch", type=int, help="tails: images per inversion (default 4; 1: what one photo costs, "
+                   "the cost rows only, into results/tails_batch1)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny ComfyUI models")
     p.add_argument("--report-only", action="store_true",

@@ -2,6 +2,7 @@
 
     python -m bench tails            # >= 100 images per model x family x schedule, writes bench/results/tails/
     python -m bench tails --quick    # 8 images per case (about 1 min), prints the tables
+    python -m bench tails --batch 1  # one image per inversion: what a single photo costs (the cost rows only)
 
 Two exact models (``photo_model.PhotoMixture``): the DCT-covariance mixture ("dct") and
 the tight isotropic one (components of std 0.3, "iso"); EPS on 4- and 10-step Karras
@@ -41,6 +42,9 @@ BATCH = 4
 FULL = dict(images=100, ancestral_images=40, lams=(0.0, 1.0, 10.0),
             runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("anderson", 5), ("fixed_point", 3)))
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
+# --batch other than BATCH: the rows that say what the default and the real-time setting cost
+COST_ROWS = ("ddim", "gnri default", "gnri default without the round-trip check",
+             "gnri fixed budget (extra_iters 0), no check", "gnri fixed budget (extra_iters 0) + round-trip check")
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
 # the default before the spectral step and the mode-flip guard
 NO_CHECK = {"round_trip_check": 0.0}  # the solver alone: what the ablation rows vary
@@ -90,26 +94,26 @@ def schedule(family: str, steps: int) -> torch.Tensor:
     return get_sigmas_karras(steps, 0.0292, 14.6146).float()
 
 
-def generate(core, model, sigmas, images: int, ancestral: bool, seed: int = 0):
+def generate(core, model, sigmas, images: int, ancestral: bool, seed: int = 0, batch: int = BATCH):
     """Batches of (x0, noise, noise maps or None) the model generated from known noise."""
     out = []
-    for b in range(0, images, BATCH):
-        noise = model.initial_noise(float(sigmas[0]), BATCH, seed=seed + b + 1)
+    for b in range(0, images, batch):
+        noise = model.initial_noise(float(sigmas[0]), batch, seed=seed + b + 1)
         maps = (core.ancestral.seeded_noise_maps(noise, sigmas, model.family, seed + b) if ancestral else None)
         x0 = core.reconstruct(model, noise, sigmas, noise_maps=maps, family=model.family)
         out.append((x0, noise, maps))
     return out
 
 
-def data_samples(model, images: int, seed: int = 0):
+def data_samples(model, images: int, seed: int = 0, batch: int = BATCH):
     """Batches of (x0, None, None): images drawn from the mixture, not generated."""
-    return [(model.sample(BATCH, seed=seed + 1000 + b), None, None) for b in range(0, images, BATCH)]
+    return [(model.sample(batch, seed=seed + 1000 + b), None, None) for b in range(0, images, batch)]
 
 
-def photo_batches(images: int, size: int = 32):
+def photo_batches(images: int, size: int = 32, batch: int = BATCH):
     """Batches of (x0, None, None): real photos outside the mixture (the same for every case)."""
     photos = heldout_photos(images, size)
-    return [(photos[b:b + BATCH], None, None) for b in range(0, images, BATCH)]
+    return [(photos[b:b + batch], None, None) for b in range(0, images, batch)]
 
 
 def measure(core, model, sigmas, batches, config: Config) -> dict:
@@ -130,15 +134,16 @@ def measure(core, model, sigmas, batches, config: Config) -> dict:
             eps = result.noise[i:i + 1] / (float(sigmas[0]) if model.family == "eps" else 1.0)
             stats.append(metrics.noise_stats(eps))
     steps = len(sigmas) - 1
-    return {"psnr": psnr, "noise_err": noise_err, "calls_per_step": nfe / (len(psnr) * steps / BATCH),
+    return {"psnr": psnr, "noise_err": noise_err, "calls_per_step": nfe / (len(batches) * steps),
             **{k: [s[k] for s in stats] for k in ("std", "kurtosis", "autocorr")}}
 
 
 def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
     """One record per (model, family, steps, ancestral, config)."""
     records = []
-    rows = configs(core, config_mode)
-    photos = photo_batches(config_mode["images"])  # the same real photos for every case
+    batch = config_mode.get("batch", BATCH)
+    rows = [c for c in configs(core, config_mode) if batch == BATCH or c.key in COST_ROWS]
+    photos = photo_batches(config_mode["images"], batch=batch)  # the same real photos for every case
     for name in models:
         kwargs = MODELS[name]
         for family, steps in SCHEDULES:
@@ -147,8 +152,8 @@ def run(core, config_mode: dict, models=tuple(MODELS), progress=None) -> list:
             for inputs in INPUTS:
                 ancestral = inputs == "ancestral"
                 images = config_mode["ancestral_images" if ancestral else "images"]
-                batches = (data_samples(model, images) if inputs == "data" else photos
-                           if inputs == "photos" else generate(core, model, sigmas, images, ancestral))
+                batches = (data_samples(model, images, batch=batch) if inputs == "data" else photos
+                           if inputs == "photos" else generate(core, model, sigmas, images, ancestral, batch=batch))
                 for config in rows:
                     if inputs != "generated" and ("lam" in config.key or "pred" in config.key):
                         continue  # lambda and predictor tables: generated images only
@@ -212,7 +217,7 @@ def markdown(records, meta) -> str:
     main = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" not in k]
     parts = [f"# Tails: per-image distributions ({meta['mode']})", "",
              f"`{meta['command']}` — {meta['seconds']:.0f} s (summed over processes), {meta['images']} generated images per model × "
-             f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {BATCH}.", ""]
+             f"family × schedule ({meta['ancestral_images']} for ancestral), batches of {meta.get('batch', BATCH)}.", ""]
     for name in models:
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["inputs"] == "generated"
                           and r["config"] in main,
@@ -226,7 +231,7 @@ def markdown(records, meta) -> str:
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["ancestral"],
                           f"{name} mixture, ancestral inversion (eta 1, frozen noise maps)"), ""]
     lam = [k for k in dict.fromkeys(r["config"] for r in records) if "lam" in k]
-    for name in models:
+    for name in models if lam else ():
         parts += [summary(records, lambda r, n=name: r["model"] == n and r["inputs"] == "generated"
                           and r["config"] in ["ddim", NO_CHECK_KEY] + lam,
                           f"lambda: {name} mixture, deterministic, the solver without the round-trip check "
@@ -251,8 +256,12 @@ def main(args, results_dir: str) -> int:
     from . import env
     from .run import _round
     mode = "quick" if args.quick else "full"
-    config_mode = QUICK if args.quick else FULL
-    out = args.out or os.path.join(results_dir, "tails" if mode == "full" else "tails_quick")
+    batch = args.batch or BATCH
+    if batch < 1:
+        raise SystemExit(f"--batch must be at least 1, got {batch}")
+    config_mode = dict(QUICK if args.quick else FULL, batch=batch)
+    folder = ("tails" if mode == "full" else "tails_quick") + (f"_batch{batch}" if batch != BATCH else "")
+    out = args.out or os.path.join(results_dir, folder)
     os.makedirs(out, exist_ok=True)
     if not args.report_only:
         core = env.core()
@@ -263,7 +272,8 @@ def main(args, results_dir: str) -> int:
                           progress=lambda s: print(f"\r{s:<70}", end="", file=sys.stderr))
         print(file=sys.stderr)
         meta = {"mode": mode, "seconds": time.perf_counter() - t0,
-                "command": "python -m bench tails" + (" --quick" if args.quick else ""),
+                "command": "python -m bench tails" + (" --quick" if args.quick else "")
+                + (f" --batch {batch}" if batch != BATCH else ""),
                 "default_lam": core.DEFAULTS["gnri"].lam, **config_mode}
         with open(os.path.join(out, f"results_{'_'.join(models)}.json"), "w") as f:
             json.dump({"meta": meta, "records": _round(records)}, f, default=str)

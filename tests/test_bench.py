@@ -121,6 +121,25 @@ def test_tails_measures_generated_images_per_image():
     assert all(d > n - 1.0 for d, n in zip(default["psnr"], ddim["psnr"]))
 
 
+def test_tails_one_image_per_batch_measures_the_cost_rows(monkeypatch):
+    """``python -m bench tails --batch 1``: inversions of one image each (what a single photo
+    costs), the cost rows only, calls counted per inversion."""
+    import torch
+    from bench import env, tails
+    monkeypatch.setattr(tails, "SCHEDULES", (("eps", 4),))
+    mode = dict(images=2, ancestral_images=1, lams=(), runs=(), batch=1)
+    with torch.no_grad():
+        records = tails.run(env.core(), mode, models=("dct",))
+    assert {r["config"] for r in records} == set(tails.COST_ROWS)
+    assert {r["inputs"] for r in records} == set(tails.INPUTS)
+    for r in records:
+        assert len(r["psnr"]) == (1 if r["ancestral"] else 2), r
+    by = {(r["inputs"], r["config"]): r for r in records}
+    assert by[("generated", "ddim")]["calls_per_step"] == 1.0
+    assert by[("generated", "gnri fixed budget (extra_iters 0), no check")]["calls_per_step"] <= 3
+    assert "batches of 1" in tails.markdown(records, dict(mode, mode="full", seconds=1.0, command="x", default_lam=0.3))
+
+
 def test_tails_default_is_never_far_below_naive_where_it_used_to_flip():
     """The tight (iso) mixture's 4-step flow case, where the default used to reconstruct more
     than 1 dB below naive inversion on 21 of 100 generated images: the secant model's last
