@@ -97,9 +97,10 @@ class SolverOptions:
                       inversion on the mixture tails (56 against 10 of 800, docs/benchmark.md).
     round_trip_check: not a step setting: ``invert`` regenerates from its answer (one model call
                       per step) and, where a sample's relative round-trip error
-                      rms(x - x0) / (ATOL + rms(x0)) exceeds this, inverts the batch with ddim too
-                      (two calls per step) and keeps per sample whichever reproduces the input
-                      better (``invert.check_round_trip``). 0: off (every method but gnri).
+                      rms(x - x0) / (ATOL + rms(x0)) exceeds this (ancestral inversions: always),
+                      inverts the batch with ddim too (two calls per step) and keeps per sample
+                      whichever reproduces the input better (``invert.check_round_trip``).
+                      0: off (every method but gnri).
                       Measured (docs/benchmark.md): the mixture tails' images below naive
                       inversion 5 -> 0 of 400 (iso), ancestral 5 / 16 -> 0 of 160, real photos
                       4 -> 0 of 400; on the trained world models it never fell back.

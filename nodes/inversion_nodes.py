@@ -65,9 +65,9 @@ def round_trip_input():
                           step=0.01, round=False, optional=True,
                           tooltip=("After inverting, regenerate once (one model call per step) and report how "
                                    "closely that reproduces the input. Where an image's relative error exceeds "
-                                   "this, also invert it naively (ddim, two calls per step) and keep whichever "
-                                   "reproduces it better: an image that misses this is never worse than naive inversion. 0: off (exactly "
-                                   "the solver's calls). Not with method ddim."))
+                                   "this (with euler_ancestral: always), also invert it naively (ddim, two calls per step) "
+                                   "and keep whichever reproduces it better: an image that misses this is never worse "
+                                   "than naive inversion. 0: off (exactly the solver's calls). Not with method ddim."))
 
 
 def choice(table: dict, value: str, name: str) -> dict:

@@ -1421,6 +1421,25 @@ def test_round_trip_check_is_per_sample_and_works_with_frozen_noise_maps():
         assert alone.round_trip[0] == pytest.approx(batch.round_trip[i], rel=1e-3, abs=1e-7)
 
 
+def test_round_trip_check_always_compares_ancestral_inversions_with_ddim():
+    """On an ancestral inversion the check runs ddim whatever the round-trip error (its steps
+    are ill-posed: naive inversion can beat a round trip well within the threshold) and each
+    sample keeps the better one; a deterministic inversion within the threshold is not compared."""
+    den, sigmas, noise, maps, x0 = _ancestral_case("mixture", "eps")
+    steps = len(sigmas) - 1
+    solver = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, round_trip_check=0.0)
+    checked = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, round_trip_check=1e6)
+    naive = invert(den, x0, sigmas, "ddim", "eps", noise_maps=maps)
+    assert checked.round_trip_calls == 3 * steps and checked.nfe == solver.nfe + 3 * steps
+    ours = gnri_core.round_trip_error(den, x0, solver, maps)
+    theirs = gnri_core.round_trip_error(den, x0, naive, maps)
+    assert checked.fell_back == (theirs < ours).tolist()
+    assert checked.round_trip == pytest.approx(torch.minimum(ours, theirs).tolist(), rel=1e-5, abs=1e-9)
+    den, gen = generated("mixture", "eps")
+    deterministic = invert(den, gen.x0, gen.sigmas, "gnri", "eps", round_trip_check=1e6)
+    assert deterministic.round_trip_calls == len(gen.sigmas) - 1
+
+
 @pytest.mark.parametrize("value", [-0.1, float("nan")])
 def test_round_trip_check_is_validated(value):
     den, gen = generated("gaussian", "eps")
