@@ -22,7 +22,7 @@ import sys
 import time
 
 from . import env
-from .methods import BY_KEY, core_options
+from .methods import BY_KEY, FIXED_BUDGET, core_options
 
 PAPER_SECONDS = 0.4  # GNRI paper: inversion + edit, SDXL-Turbo / Flux.1-schnell, 4 steps, A100
 
@@ -44,19 +44,14 @@ SDXL_DRY = dict(SDXL_UNET, model_channels=32, transformer_depth=[0, 0, 1, 1], ch
 FLUX_DRY = dict(FLUX_SCHNELL, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
                 axes_dim=[8, 12, 12], context_in_dim=64, vec_in_dim=32)
 
-GNRI_TWO = core_options(BY_KEY["gnri"], 2)
-METHODS = [  # (label, method, options); tol 0 (gnri: no extra iterations, no round-trip check): exactly 2 calls per step
+TWO_CALLS = (("fixed_point ×2", "fixed_point"), ("anderson ×2", "anderson"), ("renoise ×2", "renoise"),
+             ("gnri paper, detached ×2", "gnri_paper"), ("gnri paper, autograd ×2", "gnri_autograd"),
+             ("gnri secant + Euler predictor ×2", "gnri_pred"), ("gnri (default) ×2", "gnri"))
+METHODS = [  # (label, method, options); the ×2 rows: exactly 2 calls per step (methods.core_options)
     ("ComfyUI FlipSigmas+euler", "native", {}),
     ("ddim", "ddim", {}),
-    ("fixed_point ×2", "fixed_point", {"max_iters": 2, "tol": 0.0}),
-    ("anderson ×2", "anderson", {"max_iters": 2, "tol": 0.0}),
-    ("renoise ×2", "renoise", {"max_iters": 2, "tol": 0.0}),
-    ("gnri paper, detached ×2", "gnri", {**GNRI_TWO, "update": "paper"}),
-    ("gnri paper, autograd ×2", "gnri", {**GNRI_TWO, "update": "paper", "gradient": "autograd"}),
-    ("gnri secant + Euler predictor ×2", "gnri", {**GNRI_TWO, "predictor": "euler"}),
-    ("gnri (default) ×2", "gnri", GNRI_TWO),
-    ("gnri fixed budget, no check (the real-time workflows: 3 calls/step)", "gnri",
-     {"extra_iters": 0, "round_trip_check": 0.0}),
+    *[(label, BY_KEY[key].method, core_options(BY_KEY[key], 2)) for label, key in TWO_CALLS],
+    ("gnri fixed budget, no check (the real-time workflows: 3 calls/step)", "gnri", FIXED_BUDGET),
     ("gnri default (GNRI Invert: 3 calls/step, up to 8 where unconverged, + the round-trip check)", "gnri", {}),
 ]
 

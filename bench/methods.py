@@ -57,11 +57,15 @@ def relative_to_naive(rows: list) -> list:
     return rows
 
 
+NO_CHECK = {"round_trip_check": 0.0}  # gnri's solver alone, without the round-trip check
+FIXED_BUDGET = {"extra_iters": 0, **NO_CHECK}  # gnri: exactly its 3 calls per step (the real-time workflows)
+
+
 def core_options(spec: Spec, budget: int) -> dict:
     if spec.method == "ddim":
         return {}
     # exactly ``budget`` calls per step: no early stop, no extra iterations, no round-trip check
-    return dict(spec.options, max_iters=int(budget), tol=0.0, extra_iters=0, round_trip_check=0.0)
+    return dict(spec.options, max_iters=int(budget), tol=0.0, **FIXED_BUDGET)
 
 
 class _NativeModel:

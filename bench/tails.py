@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .methods import BY_KEY, core_options
+from .methods import BY_KEY, FIXED_BUDGET, NO_CHECK, core_options
 from .photo_model import PhotoMixture, heldout_photos
 
 MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
@@ -42,16 +42,14 @@ BATCH = 4
 FULL = dict(images=100, ancestral_images=40, lams=(0.0, 1.0, 10.0),
             runs=(("gnri", 2), ("gnri", 4), ("gnri_pred", 3), ("anderson", 3), ("anderson", 5), ("fixed_point", 3)))
 QUICK = dict(images=8, ancestral_images=4, lams=(0.0,), runs=(("gnri", 2), ("anderson", 3)))
+NO_CHECK_KEY = "gnri default without the round-trip check"
 # --batch other than BATCH: the rows that say what the default and the real-time setting cost
-COST_ROWS = ("ddim", "gnri default", "gnri default without the round-trip check",
+COST_ROWS = ("ddim", "gnri default", NO_CHECK_KEY,
              "gnri fixed budget (extra_iters 0), no check", "gnri fixed budget (extra_iters 0) + round-trip check")
 SLACK_DB = 1.0  # "worse than ddim" means more than this below it
 # the default before the spectral step and the mode-flip guard
-NO_CHECK = {"round_trip_check": 0.0}  # the solver alone: what the ablation rows vary
 PREVIOUS_DEFAULT = {"jacobian": "scalar", "anchor": "forward_mean", "lam": 1.0, "flip_ratio": 0.0, "extra_iters": 0,
                     **NO_CHECK}
-FIXED_BUDGET = {"extra_iters": 0, **NO_CHECK}  # exactly 3 calls per step (the real-time workflows)
-NO_CHECK_KEY = "gnri default without the round-trip check"
 INPUTS = ("generated", "ancestral", "data", "photos")  # Euler on generated images; Euler-a; Euler on data samples, real photos
 INPUT_TITLES = {"data": "data samples (drawn from the mixture, not generated: no exact inverse; noise error not measurable)",
                 "photos": "real photos outside the mixture (held-out faces and scene crops: no exact inverse)"}
@@ -256,7 +254,7 @@ def main(args, results_dir: str) -> int:
     from . import env
     from .run import _round
     mode = "quick" if args.quick else "full"
-    batch = args.batch or BATCH
+    batch = BATCH if args.batch is None else args.batch
     if batch < 1:
         raise SystemExit(f"--batch must be at least 1, got {batch}")
     config_mode = dict(QUICK if args.quick else FULL, batch=batch)

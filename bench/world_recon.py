@@ -24,8 +24,8 @@ import torch
 
 from . import env, metrics
 from .edit_bench import Config, World
-from .methods import BY_KEY, core_options
-from .tails import FIXED_BUDGET, NO_CHECK, NO_CHECK_KEY, PREVIOUS_DEFAULT
+from .methods import BY_KEY, FIXED_BUDGET, NO_CHECK, core_options
+from .tails import NO_CHECK_KEY, PREVIOUS_DEFAULT
 
 STEPS = (4, 20)
 SEEDS = {"unet": 77, "flux": 78}

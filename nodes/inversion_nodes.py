@@ -78,8 +78,7 @@ def choice(table: dict, value: str, name: str) -> dict:
 
 def solver_options(method: str, iterations: int, tolerance: float, lam: float,
                    sampler: str = "euler", newton_form: str = "secant", round_trip_check=None) -> dict:
-    check_finite(tolerance=tolerance, lam=lam)
-    check_finite(round_trip_check=round_trip_check)
+    check_finite(tolerance=tolerance, lam=lam, round_trip_check=round_trip_check)
     options = dict(choice(SAMPLERS, sampler, "sampler"))
     if method != "ddim":  # ddim: 1 call per step, nothing to check it against
         options.update(max_iters=iterations, tol=tolerance, lam=lam)
