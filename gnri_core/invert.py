@@ -79,7 +79,8 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     The option ``round_trip_check`` (gnri's default 0.05; 0: off) then regenerates from the
     result and falls back to ``ddim`` per sample where that reproduces the input better
     (:func:`check_round_trip`); ``callback`` then also gets its steps, marked ``"phase"``,
-    and every dict carries ``"total"``, the callbacks expected so far (for progress bars).
+    and every dict carries ``"total"``, the callbacks expected so far (for progress bars:
+    known from the start, except where a deterministic inversion's check falls back).
     """
     method, family = check_method(method), check_family(family)
     check_latent(x0, "x0")
@@ -89,16 +90,26 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     if noise_maps is not None:
         check_noise_maps(noise_maps, steps, x0.shape)
     denoise = _with_interrupt(denoise, check_interrupt)
-    progress = _Progress(callback, steps * (2 if opts.round_trip_check > 0 else 1))
+    progress = _Progress(callback, steps * _expected_passes(method, opts, noise_maps, eta))
     result = _invert_steps(denoise, x0, sigmas, method, family, opts, progress.step, noise_maps, eta)
     if opts.round_trip_check > 0:
         result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta, progress)
     return result
 
 
+def _expected_passes(method: str, opts: SolverOptions, noise_maps, eta: float) -> int:
+    """Passes over the schedule ``invert`` expects to make: the inversion, the round-trip
+    check's regeneration and, on an ancestral inversion (always compared), naive inversion's
+    two; a deterministic one adds those only where an image misses the threshold."""
+    if opts.round_trip_check <= 0:
+        return 1
+    compares_always = noise_maps is not None and eta > 0 and method != "ddim" and opts.max_iters > 1
+    return 4 if compares_always else 2
+
+
 class _Progress:
     """Numbers the callbacks of the inversion and of the round-trip check in one sequence,
-    each with the total expected so far (the check's fallback to ddim adds to it)."""
+    each with the total expected so far (a deterministic check's fallback to ddim adds to it)."""
 
     def __init__(self, callback, total: int):
         self.callback, self.total, self.done = callback, total, 0
@@ -171,7 +182,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     ancestral = noise_maps is not None and eta > 0
     compared = torch.ones_like(fell_back) if ancestral else error > threshold
     if not is_naive and bool(compared.any()):
-        progress.total += 2 * steps
+        progress.total = max(progress.total, progress.done + 2 * steps)
         naive = _invert_steps(denoise, x0, result.sigmas, "ddim", result.family, DEFAULTS["ddim"],
                               progress.phase("ddim"), noise_maps, eta)
         naive_error = round_trip_error(denoise, x0, naive, noise_maps, eta, progress.phase("ddim_round_trip"))

@@ -1428,7 +1428,9 @@ def test_round_trip_check_always_compares_ancestral_inversions_with_ddim():
     den, sigmas, noise, maps, x0 = _ancestral_case("mixture", "eps")
     steps = len(sigmas) - 1
     solver = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, round_trip_check=0.0)
-    checked = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, round_trip_check=1e6)
+    seen: list = []
+    checked = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, round_trip_check=1e6, callback=seen.append)
+    assert len(seen) == 4 * steps and all(info["total"] == 4 * steps for info in seen)  # a progress bar that never grows
     naive = invert(den, x0, sigmas, "ddim", "eps", noise_maps=maps)
     assert checked.round_trip_calls == 3 * steps and checked.nfe == solver.nfe + 3 * steps
     ours = gnri_core.round_trip_error(den, x0, solver, maps)

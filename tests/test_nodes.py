@@ -151,7 +151,8 @@ def test_invert_reports_the_round_trip_that_stock_sampling_reproduces(executor):
 
 def test_progress_one_tick_per_step(executor):
     """One tick per inversion step, then one per step of the round-trip check's regeneration
-    (the bar's total counts them from the start), and none for the check when it is off."""
+    (the bar's total counts them from the start), and none for the check when it is off;
+    with euler_ancestral also naive inversion's two passes, counted from the start."""
     for check, expected in ((0.0, [(i, 5) for i in range(1, 6)]), (None, [(i, 10) for i in range(1, 11)])):
         ticks = []
         invert = invert_node(steps=5, iterations=2)
@@ -162,6 +163,10 @@ def test_progress_one_tick_per_step(executor):
         invert_ticks = [(v, t) for node, v, t in ticks if node == "invert"]
         fell_through = executor.node_output("invert")[3].result.round_trip_calls == 15
         assert invert_ticks == (expected + [(i, 20) for i in range(11, 21)] if fell_through else expected)
+    ticks = []  # euler_ancestral: always compared with ddim, so the bar knows all four passes from the start
+    prompt["invert"] = invert_node(steps=5, iterations=2, sampler="euler_ancestral", noise_seed=7)
+    executor.run(prompt, on_progress=lambda value, total, node: ticks.append((node, value, total)))
+    assert [(v, t) for node, v, t in ticks if node == "invert"] == [(i, 20) for i in range(1, 21)]
 
 
 def test_interrupt_between_iterations(executor):
