@@ -42,8 +42,9 @@ CHUNK = 64          # pairs per model call (larger batches are slower per sample
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BLUR, DILATE = 1.0, 1   # Attention Mask Blend's defaults
 
-# pairs per family (each family its own pairs: seed SEEDS[family]); tiers: native and
-# the gnri default (with and without the mask) and the mask IoU grid run on all pairs,
+# pairs per family (each family its own pairs: seed SEEDS[family]); tiers: native, the
+# gnri default and the real-time workflows' inversion with and without its round-trip
+# check (each with and without the mask) and the mask IoU grid run on all pairs,
 # the other methods on the first method_pairs, the sweeps on the first sweep_pairs
 FULL = dict(pairs=160, method_pairs=48, sweep_pairs=24, steps=4, families=FAMILIES)
 QUICK = dict(pairs=8, method_pairs=8, sweep_pairs=4, steps=4, families=FAMILIES, mask_grid="middle")
@@ -84,7 +85,10 @@ METHODS = [  # (label, config): every inversion method at its budget
     ("anderson 2", Config(method="anderson", iterations=2, tol=0.0)),
     ("gnri default", DEFAULT),
     ("gnri 2", Config(iterations=2, tol=0.0, newton_form="secant_fixed_budget", round_trip_check=0.0)),
+    ("gnri fixed budget, no check", Config(newton_form="secant_fixed_budget", round_trip_check=0.0)),
+    ("gnri real-time (fixed budget + check)", Config(newton_form="secant_fixed_budget")),
 ]
+ALL_PAIRS = ("native", "gnri default", "gnri fixed budget, no check", "gnri real-time (fixed budget + check)")
 
 
 def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]:
@@ -92,10 +96,10 @@ def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]
     then one axis at a time around ``DEFAULT`` (tier: which pairs run it, see FULL)."""
     rows = []
     for label, c in METHODS:
-        tier = "all" if label in ("native", "gnri default") else "methods"
+        tier = "all" if label in ALL_PAIRS else "methods"
         rows += [("method", f"{label}, no mask", replace(c, mask="none"), tier), ("method", label, c, tier)]
     if smoke:
-        return rows[:2] + rows[-4:-2]
+        return [row for row in rows if row[1] in ("native, no mask", "native", "gnri default, no mask", "gnri default")]
     sweeps = [("default", "gnri default (sweep pairs)", DEFAULT),
               ("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
               ("mask", "attention mask, blend_cfg 6", replace(DEFAULT, blend_cfg=6.0))]
@@ -561,7 +565,7 @@ def mask_table(summary, family: str) -> str:
 def report(table, mask_sum, meta) -> str:
     parts = [f"# Editing benchmark ({meta['mode']})", "",
              f"`{meta['command']}` — {meta['seconds']:.0f} s wall, {meta['steps']} steps, {meta['pairs']} pairs per "
-             f"family, {len(meta['families']) * meta['pairs']} in all (native and gnri default on all, the other methods on "
+             f"family, {len(meta['families']) * meta['pairs']} in all (native, gnri default and the fixed budget with and without the check on all, the other methods on "
              f"the first {meta['method_pairs']}, the sweeps on the first {meta['sweep_pairs']}), torch {meta['torch']}, one process per family "
              f"with {meta['threads']} thread(s), weights: {meta['weights']}.", ""]
     for family in meta["families"]:

@@ -22,7 +22,7 @@ import sys
 import time
 
 from . import env
-from .methods import BY_KEY, FIXED_BUDGET, core_options
+from .methods import BY_KEY, FIXED_BUDGET, FIXED_BUDGET_CHECKED, core_options
 
 PAPER_SECONDS = 0.4  # GNRI paper: inversion + edit, SDXL-Turbo / Flux.1-schnell, 4 steps, A100
 
@@ -51,7 +51,8 @@ METHODS = [  # (label, method, options); the ×2 rows: exactly 2 calls per step 
     ("ComfyUI FlipSigmas+euler", "native", {}),
     ("ddim", "ddim", {}),
     *[(label, BY_KEY[key].method, core_options(BY_KEY[key], 2)) for label, key in TWO_CALLS],
-    ("gnri fixed budget, no check (the real-time workflows: 3 calls/step)", "gnri", FIXED_BUDGET),
+    ("gnri fixed budget, no check (exactly 3 calls/step)", "gnri", FIXED_BUDGET),
+    ("gnri fixed budget + round-trip check (the real-time workflows)", "gnri", FIXED_BUDGET_CHECKED),
     ("gnri default (GNRI Invert: 3 calls/step, up to 8 where unconverged, + the round-trip check)", "gnri", {}),
 ]
 

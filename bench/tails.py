@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .methods import BY_KEY, FIXED_BUDGET, NO_CHECK, core_options
+from .methods import BY_KEY, FIXED_BUDGET, FIXED_BUDGET_CHECKED, NO_CHECK, core_options
 from .photo_model import PhotoMixture, heldout_photos
 
 MODELS = {"dct": {}, "iso": {"isotropic": 0.3}}
@@ -74,7 +74,7 @@ def configs(core, mode: dict) -> list:
         out.append(Config(f"{key} ×{budget}", spec.method, core_options(spec, budget)))
     out.append(Config("gnri default ×1 (no check)", "gnri", {"max_iters": 1, **NO_CHECK}))
     out.append(Config("gnri fixed budget (extra_iters 0), no check", "gnri", FIXED_BUDGET))
-    out.append(Config("gnri fixed budget (extra_iters 0) + round-trip check", "gnri", {"extra_iters": 0}))
+    out.append(Config("gnri fixed budget (extra_iters 0) + round-trip check", "gnri", FIXED_BUDGET_CHECKED))
     out.append(Config("no check, contraction 0.5", "gnri", {"contraction": 0.5, **NO_CHECK}))
     out.append(Config("no check, scalar jacobian", "gnri", {"jacobian": "scalar", **NO_CHECK}))
     out.append(Config("no check, anchor forward_mean", "gnri", {"anchor": "forward_mean", **NO_CHECK}))

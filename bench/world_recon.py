@@ -24,7 +24,7 @@ import torch
 
 from . import env, metrics
 from .edit_bench import Config, World
-from .methods import BY_KEY, FIXED_BUDGET, NO_CHECK, core_options
+from .methods import BY_KEY, FIXED_BUDGET, FIXED_BUDGET_CHECKED, NO_CHECK, core_options
 from .tails import NO_CHECK_KEY, PREVIOUS_DEFAULT
 
 STEPS = (4, 20)
@@ -38,6 +38,7 @@ ROWS = (  # (label, method, core options)
     (NO_CHECK_KEY, "gnri", NO_CHECK),
     ("no check, trust_ratio 0 (the previous step 5)", "gnri", {"trust_ratio": 0.0, **NO_CHECK}),
     ("gnri fixed budget (extra_iters 0), no check", "gnri", FIXED_BUDGET),
+    ("gnri fixed budget (extra_iters 0) + round-trip check", "gnri", FIXED_BUDGET_CHECKED),
     ("gnri ×2", "gnri", core_options(BY_KEY["gnri"], 2)),
     ("no check, flip_ratio 0 (no mode-flip guard)", "gnri", {"flip_ratio": 0.0, **NO_CHECK}),
     ("previous default (scalar, forward mean, λ 1, no guard)", "gnri", PREVIOUS_DEFAULT),

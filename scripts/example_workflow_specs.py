@@ -49,8 +49,9 @@ def image_and_prompts(model, clip, vae, image_y=500):
     ]
 
 
-# exactly `iterations` calls per step, no regeneration check (docs/guide.md)
-REAL_TIME = {"newton_form": "secant_fixed_budget", "round_trip_check": 0.0}
+# exactly `iterations` calls per step, then the default round-trip check (docs/guide.md): the
+# floor at naive inversion, paid once per photo (a new target prompt re-runs only the edit)
+REAL_TIME = {"newton_form": "secant_fixed_budget"}
 
 
 def invert_and_regenerate(model, steps, scheduler, vae, **invert):
@@ -119,10 +120,11 @@ TURBO_NOTE = """## SDXL-Turbo: real-time edit (4 steps)
    everything outside the mask exactly.
 
 Tune: `threshold` of the mask (lower = larger area), `strength` (>1 exaggerates).
-`newton_form` is `secant_fixed_budget` and `round_trip_check` 0 here: exactly 3 calls per
-step, for speed; `secant` iterates unconverged steps further (up to 8): more exact round
-trips, about 2x the time; `round_trip_check` 0.05 (the default) regenerates once to check
-the inversion and falls back to naive inversion where that reproduces the photo better."""
+A new target prompt re-runs only the mask and the edit: GNRI Invert runs once per photo.
+`newton_form` is `secant_fixed_budget` here: exactly 3 calls per step; `secant` iterates
+unconverged steps further (up to 8): more exact round trips, more calls. `round_trip_check`
+0.05 regenerates once to check the inversion and falls back to naive inversion where that
+reproduces the photo better (0: off, exactly 3 calls per step, no such floor)."""
 
 FLUX_NOTE = """## Flux.1-schnell: real-time edit (4 steps)
 
@@ -132,10 +134,11 @@ FLUX_NOTE = """## Flux.1-schnell: real-time edit (4 steps)
 4. Photo at 1024×1024 (or 512²), a detailed source prompt, a target with one change. Queue.
 
 Flow models: regenerate with SamplerCustomAdvanced from the `noise` output (as here);
-ComfyUI's native FlipSigmas inversion returns inf on Flux. `newton_form` is
-`secant_fixed_budget` and `round_trip_check` 0 here (3 calls per step: for speed, and more
-editable without a mask); `secant` iterates unconverged steps further: more exact round
-trips; `round_trip_check` 0.05 (the default) checks the inversion by regenerating it."""
+ComfyUI's native FlipSigmas inversion returns inf on Flux. A new target prompt re-runs
+only the mask and the edit: GNRI Invert runs once per photo. `newton_form` is
+`secant_fixed_budget` here (3 calls per step, more editable without a mask); `secant`
+iterates unconverged steps further: more exact round trips. `round_trip_check` 0.05 checks
+the inversion by regenerating it and falls back to naive inversion where that is better."""
 
 CHECK_NOTE = """## Reconstruction check: GNRI vs ComfyUI's native inversion
 

@@ -89,8 +89,10 @@ def test_bench_gpu_dry_run_times_every_method(tmp_path):
     default = [r for r in rows if r["method"].startswith("gnri default")]
     # 4 steps x 3 calls, up to 8 where unconverged, + the round-trip check's 1 (3 where it falls through)
     assert len(default) == 2 and all(4 < r["nfe"] <= 4 * (8 + 3) for r in default)
-    fixed = [r for r in rows if r["method"].startswith("gnri fixed budget")]
+    fixed = [r for r in rows if r["method"].startswith("gnri fixed budget, no check")]
     assert len(fixed) == 2 and all(r["nfe"] == 4 * 3 for r in fixed)
+    real_time = [r for r in rows if r["method"].startswith("gnri fixed budget + round-trip check")]
+    assert len(real_time) == 2 and all(r["nfe"] in (4 * 4, 4 * 6) for r in real_time)  # + 1 call/step, 3 if it falls through
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: --gpu would run")
