@@ -44,7 +44,7 @@ BLUR, DILATE = 1.0, 1   # Attention Mask Blend's defaults
 
 # pairs per family (each family its own pairs: seed SEEDS[family]); tiers: native, the
 # gnri default and the real-time workflows' inversion with and without its round-trip
-# check (each with and without the mask) and the mask IoU grid run on all pairs,
+# check (each with and without the mask), the strength rows and the mask IoU grid run on all pairs,
 # the other methods on the first method_pairs, the sweeps on the first sweep_pairs
 FULL = dict(pairs=160, method_pairs=48, sweep_pairs=24, steps=4, families=FAMILIES)
 QUICK = dict(pairs=8, method_pairs=8, sweep_pairs=4, steps=4, families=FAMILIES, mask_grid="middle")
@@ -104,15 +104,16 @@ def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]
               ("mask", "true mask (oracle)", replace(DEFAULT, mask="true")),
               ("mask", "attention mask, blend_cfg 6", replace(DEFAULT, blend_cfg=6.0))]
     sweeps += [("edit_cfg", f"edit_cfg {v:g}", replace(DEFAULT, edit_cfg=v)) for v in (1.0, 5.0)]
-    sweeps += [("strength", "strength 0, no mask (reconstruction)", replace(DEFAULT, strength=0.0, mask="none"))]
-    sweeps += [("strength", f"strength {v:g}", replace(DEFAULT, strength=v)) for v in (0.5, 1.5)]
+    strength = [("strength", "strength 0, no mask (reconstruction)", replace(DEFAULT, strength=0.0, mask="none"))]
+    strength += [("strength", f"strength {v:g}", replace(DEFAULT, strength=v)) for v in (0.5, 1.5)]
     sweeps += [("start_step", f"start_step {v}", replace(DEFAULT, start_step=v)) for v in (1, 2)]
     sweeps += [("lam", f"lam {v:g}", replace(DEFAULT, lam=v)) for v in (0.0, 1.0, 10.0)]
     sweeps += [("threshold", f"threshold {v:g}", replace(DEFAULT, threshold=v)) for v in (0.3, 0.45, 0.75)]
     sweeps += [("amb_step", f"amb_step {v}", replace(DEFAULT, amb_step=v)) for v in (1, 99)]
     blocks = ("4",) if family == "unet" else ("0", "1")
     sweeps += [("blocks", f"blocks {v}", replace(DEFAULT, blocks=v)) for v in blocks]
-    return rows + [(*row, "sweep") for row in sweeps]
+    # the strength rows reuse the default's inversions: all pairs, against "gnri default"
+    return rows + [(*row, "all") for row in strength] + [(*row, "sweep") for row in sweeps]
 
 
 # --------------------------------------------------------------------------- world
@@ -565,7 +566,7 @@ def mask_table(summary, family: str) -> str:
 def report(table, mask_sum, meta) -> str:
     parts = [f"# Editing benchmark ({meta['mode']})", "",
              f"`{meta['command']}` — {meta['seconds']:.0f} s wall, {meta['steps']} steps, {meta['pairs']} pairs per "
-             f"family, {len(meta['families']) * meta['pairs']} in all (native, gnri default and the fixed budget with and without the check on all, the other methods on "
+             f"family, {len(meta['families']) * meta['pairs']} in all (native, gnri default, the fixed budget with and without the check and the strength rows on all, the other methods on "
              f"the first {meta['method_pairs']}, the sweeps on the first {meta['sweep_pairs']}), torch {meta['torch']}, one process per family "
              f"with {meta['threads']} thread(s), weights: {meta['weights']}.", ""]
     for family in meta["families"]:
