@@ -173,7 +173,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     solved to a root of another basin (a mode flip) regenerates another image however small
     its residual; ancestral steps are ill-posed, and there naive inversion can beat a round
     trip well within the threshold (docs/benchmark.md).
-    Sets ``round_trip`` (per sample, of the kept inversion) and ``fell_back``."""
+    Sets ``round_trip`` (per sample, of the kept inversion), ``fell_back`` and ``compared``."""
     progress = progress or _Progress(None, 0)
     error = round_trip_error(denoise, x0, result, noise_maps, eta, progress.phase("round_trip"))
     steps = calls = len(result.sigmas) - 1
@@ -181,7 +181,9 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     is_naive = result.method == "ddim" or max(result.iterations) == 1  # one iteration per step is ddim
     ancestral = noise_maps is not None and eta > 0
     compared = torch.ones_like(fell_back) if ancestral else error > threshold
-    if not is_naive and bool(compared.any()):
+    if is_naive:
+        compared = torch.zeros_like(compared)
+    if bool(compared.any()):
         progress.total = max(progress.total, progress.done + 2 * steps)
         naive = _invert_steps(denoise, x0, result.sigmas, "ddim", result.family, DEFAULTS["ddim"],
                               progress.phase("ddim"), noise_maps, eta)
@@ -194,6 +196,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
         result.noise = result.trajectory[-1]
     result.nfe += calls
     result.round_trip, result.fell_back, result.round_trip_calls = error.tolist(), fell_back.tolist(), calls
+    result.compared = compared.tolist()
     return result
 
 

@@ -43,6 +43,8 @@ class InversionResult:
     round_trip:  per sample, the relative error of regenerating from ``noise`` (only with
                  ``round_trip_check``; empty otherwise).
     fell_back:   per sample, whether the round-trip check kept ``ddim``'s inversion.
+    compared:    per sample, whether the check also inverted it with ``ddim`` (what one
+                 image per inversion pays: 2 more calls per step where True).
     round_trip_calls: the model calls of that check (included in ``nfe``).
     """
 
@@ -59,6 +61,7 @@ class InversionResult:
     backward_passes: int = 0
     round_trip: list[float] = field(default_factory=list)
     fell_back: list[bool] = field(default_factory=list)
+    compared: list[bool] = field(default_factory=list)
     round_trip_calls: int = 0
 
     def summary(self) -> str:

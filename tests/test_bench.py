@@ -247,4 +247,8 @@ def test_world_reconstruction_bench_measures_every_row():
     assert by[world_recon.NO_CHECK_KEY]["calls_per_step"] <= 8
     assert by["gnri default"]["calls_per_step"] <= by[world_recon.NO_CHECK_KEY]["calls_per_step"] + 3
     assert by["gnri fixed budget (extra_iters 0), no check"]["calls_per_step"] <= 3
-    assert "| gnri default |" in world_recon.table(records, "unet", 4)
+    # which scenes the check also inverted naively: every ancestral one, none without the check
+    assert by["gnri default, euler_ancestral"]["compared"] == [True, True]
+    assert by[world_recon.NO_CHECK_KEY]["compared"] == [] and by["ddim"]["compared"] == []
+    assert "| gnri default, euler_ancestral | " in world_recon.table(records, "unet", 4)
+    assert "| 100 % |" in world_recon.table(records, "unet", 4)

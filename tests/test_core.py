@@ -1377,7 +1377,7 @@ def test_round_trip_check_keeps_a_good_inversion_and_counts_its_calls(family):
     steps = len(gen.sigmas) - 1
     assert counter.calls == checked.nfe == plain.nfe + steps
     torch.testing.assert_close(checked.noise, plain.noise, rtol=0, atol=0)
-    assert checked.fell_back == [False, False] and len(checked.round_trip) == 2
+    assert checked.fell_back == checked.compared == [False, False] and len(checked.round_trip) == 2
     x = reconstruct(den, plain.noise, gen.sigmas)
     for i, error in enumerate(checked.round_trip):
         assert error == pytest.approx(relative_error(x[i:i + 1], gen.x0[i:i + 1]), rel=1e-2, abs=1e-6)
@@ -1397,7 +1397,7 @@ def test_round_trip_check_falls_back_to_ddim_only_where_it_reproduces_better(fam
     nfe = result.nfe
     checked = gnri_core.check_round_trip(den, gen.x0, result, threshold=0.05)
     ddim = invert(den, gen.x0, gen.sigmas, "ddim", family)
-    assert checked.fell_back == [False, True]
+    assert checked.fell_back == [False, True] and checked.compared == [False, True]
     assert checked.nfe == nfe + 3 * (len(gen.sigmas) - 1)
     torch.testing.assert_close(checked.noise[0], good[0], rtol=0, atol=0)
     torch.testing.assert_close(checked.noise[1], ddim.noise[1], rtol=0, atol=0)
@@ -1435,11 +1435,11 @@ def test_round_trip_check_always_compares_ancestral_inversions_with_ddim():
     assert checked.round_trip_calls == 3 * steps and checked.nfe == solver.nfe + 3 * steps
     ours = gnri_core.round_trip_error(den, x0, solver, maps)
     theirs = gnri_core.round_trip_error(den, x0, naive, maps)
-    assert checked.fell_back == (theirs < ours).tolist()
+    assert checked.fell_back == (theirs < ours).tolist() and checked.compared == [True] * x0.shape[0]
     assert checked.round_trip == pytest.approx(torch.minimum(ours, theirs).tolist(), rel=1e-5, abs=1e-9)
     den, gen = generated("mixture", "eps")
     deterministic = invert(den, gen.x0, gen.sigmas, "gnri", "eps", round_trip_check=1e6)
-    assert deterministic.round_trip_calls == len(gen.sigmas) - 1
+    assert deterministic.round_trip_calls == len(gen.sigmas) - 1 and not any(deterministic.compared)
 
 
 @pytest.mark.parametrize("value", [-0.1, float("nan")])
