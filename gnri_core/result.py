@@ -73,7 +73,9 @@ class InversionResult:
             lines.append(f"step {i + 1}: sigma {s0:.4g} -> {s1:.4g}, {it} it, "
                          f"residual {res:.2e} ({code})")
         if self.round_trip:
-            kept = ", ".join(f"{100 * e:.2g} %" + (" (naive inversion kept: it reproduced better)" if back else "")
-                             for e, back in zip(self.round_trip, self.fell_back))
+            compared = self.compared or [False] * len(self.round_trip)
+            kept = ", ".join(f"{100 * e:.2g} %" + (" (naive inversion kept: it reproduced better)" if back else
+                                                   " (naive inversion also tried: it reproduced worse)" if tried else "")
+                             for e, back, tried in zip(self.round_trip, self.fell_back, compared))
             lines.append(f"round trip (regenerated vs input, relative error per image): {kept}")
         return "\n".join(lines)

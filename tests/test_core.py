@@ -1398,6 +1398,7 @@ def test_round_trip_check_falls_back_to_ddim_only_where_it_reproduces_better(fam
     checked = gnri_core.check_round_trip(den, gen.x0, result, threshold=0.05)
     ddim = invert(den, gen.x0, gen.sigmas, "ddim", family)
     assert checked.fell_back == [False, True] and checked.compared == [False, True]
+    assert "naive inversion kept" in checked.summary() and "also tried" not in checked.summary()
     assert checked.nfe == nfe + 3 * (len(gen.sigmas) - 1)
     torch.testing.assert_close(checked.noise[0], good[0], rtol=0, atol=0)
     torch.testing.assert_close(checked.noise[1], ddim.noise[1], rtol=0, atol=0)
@@ -1436,6 +1437,7 @@ def test_round_trip_check_always_compares_ancestral_inversions_with_ddim():
     ours = gnri_core.round_trip_error(den, x0, solver, maps)
     theirs = gnri_core.round_trip_error(den, x0, naive, maps)
     assert checked.fell_back == (theirs < ours).tolist() and checked.compared == [True] * x0.shape[0]
+    assert checked.summary().count("naive inversion") == x0.shape[0]  # kept, or also tried and worse
     assert checked.round_trip == pytest.approx(torch.minimum(ours, theirs).tolist(), rel=1e-5, abs=1e-9)
     den, gen = generated("mixture", "eps")
     deterministic = invert(den, gen.x0, gen.sigmas, "gnri", "eps", round_trip_check=1e6)
