@@ -63,6 +63,8 @@ def parse(argv=None):
     p.add_argument("--models", help="tails: comma-separated photo models to run (dct, iso; default both)")
     p.add_argument("--batch", type=int, help="tails: images per inversion (default 4; 1: what one photo costs, "
                    "the cost rows only, into results/tails_batch1)")
+    p.add_argument("--held-out", action="store_true",
+                   help="recon: 8 and 50 steps (schedules no default was chosen on), the floor's rows only")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny ComfyUI models")
     p.add_argument("--report-only", action="store_true",

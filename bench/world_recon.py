@@ -2,6 +2,7 @@
 
     python -m bench recon            # 160 scenes per world model, 4 and 20 steps -> bench/results/recon/
     python -m bench recon --quick    # 16 scenes, printed only
+    python -m bench recon --held-out # 8 and 50 steps, the floor's rows only -> bench/results/recon_held_out/
 
 Each scene (``gnri_world.scenes``, rendered and encoded as the nodes see it) is inverted
 with its own caption at cfg 1 on the family's 4- and 20-step schedules (UNet ``normal``,
@@ -49,6 +50,9 @@ ROWS = (  # (label, method, core options)
     ("gnri default, euler_ancestral", "gnri", {"ancestral": True}),
     (NO_CHECK_KEY + ", euler_ancestral", "gnri", {"ancestral": True, **NO_CHECK}),
 )
+HELD_OUT_STEPS = (8, 50)  # ``--held-out``: schedules no setting was chosen on, the floor's rows only
+HELD_OUT_ROWS = ("ddim", "gnri default", "gnri fixed budget (extra_iters 0) + round-trip check",
+                 "ddim, euler_ancestral", "gnri default, euler_ancestral")
 SLACK_DB = 1.0
 ROUND_TRIP = Config(strength=0.0, edit_cfg=1.0, mask="none")  # Prompt Swap Edit: the same caption, cfg 1
 
@@ -72,7 +76,7 @@ def measure(world, x0, images, positive, method: str, options: dict, steps: int)
             "compared": compared}
 
 
-def run(pack, family: str, scenes_n: int, steps_list=STEPS) -> list[dict]:
+def run(pack, family: str, scenes_n: int, steps_list=STEPS, rows=ROWS) -> list[dict]:
     from gnri_world import latent, scenes
     world = World(pack, family)
     picked = scenes.sample_scenes(scenes_n, seed=SEEDS[family])
@@ -81,7 +85,7 @@ def run(pack, family: str, scenes_n: int, steps_list=STEPS) -> list[dict]:
     positive = world.conditioning([s.caption() for s in picked])
     return [dict(family=family, steps=steps, label=label, method=method, ancestral=bool(options.get("ancestral")),
                  **measure(world, x0, images, positive, method, options, steps))
-            for steps in steps_list for label, method, options in ROWS]
+            for steps in steps_list for label, method, options in rows]
 
 
 def table(records, family: str, steps: int) -> str:
@@ -105,17 +109,18 @@ def main(args, results_dir: str) -> int:
     pack = env.setup()
     t0 = time.perf_counter()
     records = []
+    steps, rows = (HELD_OUT_STEPS, [r for r in ROWS if r[0] in HELD_OUT_ROWS]) if args.held_out else (STEPS, ROWS)
     for family in (args.family,) if args.family else ("unet", "flux"):
-        records += run(pack, family, mode["scenes"])
+        records += run(pack, family, mode["scenes"], steps, rows)
     seconds = time.perf_counter() - t0
-    command = "python -m bench recon" + (" --quick" if args.quick else "")
+    command = "python -m bench recon" + (" --quick" if args.quick else "") + (" --held-out" if args.held_out else "")
     text = "\n\n".join([f"# Reconstruction on the world models\n\n`{command}` — {seconds:.0f} s, "
                         f"Prompt Swap Edit at strength 0 after each inversion (cfg 1), PSNR of the whole image."]
                        + [table(records, family, steps)
                           for family, steps in dict.fromkeys((r["family"], r["steps"]) for r in records)]) + "\n"
     print(text)
     if not args.quick:
-        out = args.out or os.path.join(results_dir, "recon")
+        out = args.out or os.path.join(results_dir, "recon_held_out" if args.held_out else "recon")
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.md"), "w") as f:
             f.write(text)

@@ -240,6 +240,7 @@ def test_world_reconstruction_bench_measures_every_row():
     from bench import env, world_recon
     records = world_recon.run(env.setup(), "unet", 2, steps_list=(4,))
     assert [r["label"] for r in records] == [row[0] for row in world_recon.ROWS]
+    assert set(world_recon.HELD_OUT_ROWS) <= {row[0] for row in world_recon.ROWS}  # --held-out's rows exist
     assert all(len(r["psnr"]) == 2 for r in records)
     by = {r["label"]: r for r in records}
     assert all(g > d + 3 for g, d in zip(by["gnri default"]["psnr"], by["ddim"]["psnr"]))
