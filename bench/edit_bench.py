@@ -78,25 +78,23 @@ class Config:
 
 
 DEFAULT = Config()
-METHODS = [  # (label, config): every inversion method at its budget
-    ("native", Config(method="native")),
-    ("ddim", Config(method="ddim")),
-    ("fixed_point 2", Config(method="fixed_point", iterations=2, tol=0.0)),
-    ("anderson 2", Config(method="anderson", iterations=2, tol=0.0)),
-    ("gnri default", DEFAULT),
-    ("gnri 2", Config(iterations=2, tol=0.0, newton_form="secant_fixed_budget", round_trip_check=0.0)),
-    ("gnri fixed budget, no check", Config(newton_form="secant_fixed_budget", round_trip_check=0.0)),
-    ("gnri real-time (fixed budget + check)", Config(newton_form="secant_fixed_budget")),
+METHODS = [  # (label, config, tier): every inversion method at its budget
+    ("native", Config(method="native"), "all"),
+    ("ddim", Config(method="ddim"), "methods"),
+    ("fixed_point 2", Config(method="fixed_point", iterations=2, tol=0.0), "methods"),
+    ("anderson 2", Config(method="anderson", iterations=2, tol=0.0), "methods"),
+    ("gnri default", DEFAULT, "all"),
+    ("gnri 2", Config(iterations=2, tol=0.0, newton_form="secant_fixed_budget", round_trip_check=0.0), "methods"),
+    ("gnri fixed budget, no check", Config(newton_form="secant_fixed_budget", round_trip_check=0.0), "all"),
+    ("gnri real-time (fixed budget + check)", Config(newton_form="secant_fixed_budget"), "all"),
 ]
-ALL_PAIRS = ("native", "gnri default", "gnri fixed budget, no check", "gnri real-time (fixed budget + check)")
 
 
 def grid(family: str, smoke: bool = False) -> list[tuple[str, str, Config, str]]:
     """(axis, label, config, tier): each method with and without the attention mask,
     then one axis at a time around ``DEFAULT`` (tier: which pairs run it, see FULL)."""
     rows = []
-    for label, c in METHODS:
-        tier = "all" if label in ALL_PAIRS else "methods"
+    for label, c, tier in METHODS:
         rows += [("method", f"{label}, no mask", replace(c, mask="none"), tier), ("method", label, c, tier)]
     if smoke:
         return [row for row in rows if row[1] in ("native, no mask", "native", "gnri default, no mask", "gnri default")]

@@ -103,8 +103,12 @@ def _expected_passes(method: str, opts: SolverOptions, noise_maps, eta: float) -
     two; a deterministic one adds those only where an image misses the threshold."""
     if opts.round_trip_check <= 0:
         return 1
-    compares_always = noise_maps is not None and eta > 0 and method != "ddim" and opts.max_iters > 1
-    return 4 if compares_always else 2
+    return 4 if _always_compared(noise_maps, eta) and method != "ddim" and opts.max_iters > 1 else 2
+
+
+def _always_compared(noise_maps, eta: float) -> bool:
+    """An ancestral inversion: its steps are ill-posed, so the check always compares it with ddim."""
+    return noise_maps is not None and eta > 0
 
 
 class _Progress:
@@ -179,8 +183,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     steps = calls = len(result.sigmas) - 1
     fell_back = torch.zeros_like(error, dtype=torch.bool)
     is_naive = result.method == "ddim" or max(result.iterations) == 1  # one iteration per step is ddim
-    ancestral = noise_maps is not None and eta > 0
-    compared = torch.ones_like(fell_back) if ancestral else error > threshold
+    compared = torch.ones_like(fell_back) if _always_compared(noise_maps, eta) else error > threshold
     if is_naive:
         compared = torch.zeros_like(compared)
     if bool(compared.any()):
