@@ -39,7 +39,8 @@ def solver_inputs():
                               f"unconverged after them (relative residual above {gnri.extra_tol:g}) continues, "
                               f"up to {gnri.extra_iters} more; newton_form secant_fixed_budget: exactly these.")),
         io.Float.Input("tolerance", default=gnri.tol, min=0.0, max=1.0, step=1e-5, round=False,
-                       tooltip="Stop a step early once its relative residual is below this (0: never)."),
+                       tooltip=("Stop a step early once its relative residual is below this (0: never); gnri then "
+                                "takes one more Newton step from there, at no model call.")),
         io.Float.Input("lam", default=gnri.lam, min=0.0, max=100.0, step=0.01, round=False,
                        display_name="λ (guidance)",
                        tooltip=("GNRI guidance weight: pulls what the model barely determines toward naive "
