@@ -41,7 +41,7 @@ class SolverOptions:
                       relative residual is still above ``extra_tol`` after ``max_iters``
                       iterations keeps iterating, up to this many more (0: a fixed budget).
                       Budget where it is needed: on the trained world models the steps that
-                      stay unconverged are few at 20 steps (the top ones: 3.3-4.25 calls/step
+                      stay unconverged are few at 20 steps (the top ones: 2.9-3.9 calls/step
                       in all; at 4 steps every step, 7-7.5) and they decide the round trip
                       (world Flux, 20 steps: 25 of 160 scenes below naive inversion with a
                       fixed budget, 0 with this; docs/benchmark.md).

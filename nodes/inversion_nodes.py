@@ -37,7 +37,7 @@ def solver_inputs():
         io.Int.Input("iterations", default=gnri.max_iters, min=1, max=100,
                      tooltip=("Model calls per inversion step (ddim always uses 1). gnri: a step still "
                               f"unconverged after them (relative residual above {gnri.extra_tol:g}) continues, "
-                              f"up to {gnri.extra_iters} more; newton_form secant_fixed_budget: exactly these.")),
+                              f"up to {gnri.extra_iters} more; newton_form secant_fixed_budget: at most these (a step within tolerance stops).")),
         io.Float.Input("tolerance", default=gnri.tol, min=0.0, max=1.0, step=1e-5, round=False,
                        tooltip=("Stop a step early once its relative residual is below this (0: never); gnri then "
                                 "takes one more Newton step from there, at no model call.")),

@@ -49,7 +49,7 @@ def image_and_prompts(model, clip, vae, image_y=500):
     ]
 
 
-# exactly `iterations` calls per step, then the default round-trip check (docs/guide.md): the
+# at most `iterations` calls per step, then the default round-trip check (docs/guide.md): the
 # floor at naive inversion, paid once per photo (a new target prompt re-runs only the edit)
 REAL_TIME = {"newton_form": "secant_fixed_budget"}
 
@@ -121,10 +121,10 @@ TURBO_NOTE = """## SDXL-Turbo: real-time edit (4 steps)
 
 Tune: `threshold` of the mask (lower = larger area), `strength` (>1 exaggerates).
 A new target prompt re-runs only the mask and the edit: GNRI Invert runs once per photo.
-`newton_form` is `secant_fixed_budget` here: exactly 3 calls per step; `secant` iterates
+`newton_form` is `secant_fixed_budget` here: at most 3 calls per step; `secant` iterates
 unconverged steps further (up to 8): more exact round trips, more calls. `round_trip_check`
 0.05 regenerates once to check the inversion and falls back to naive inversion where that
-reproduces the photo better (0: off, exactly 3 calls per step, no such floor)."""
+reproduces the photo better (0: off, at most 3 calls per step, no such floor)."""
 
 FLUX_NOTE = """## Flux.1-schnell: real-time edit (4 steps)
 

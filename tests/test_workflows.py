@@ -148,7 +148,7 @@ SD15, TURBO, FLUX = (f"GNRI - {n}.json" for n in ("SD1.5 invert, reconstruct, ed
 # PSNR thresholds (dB, against the source outside the object's true mask) of the
 # reconstruction and the edit, 5-20 dB under what the shipped weights (UNet step 15615,
 # Flux step 29282) give on WORLD_EDIT's scene (recon / edit): SD1.5 workflow on the world
-# UNet 70.3 / 27.6 (50 steps, edit cfg 1, no mask), SDXL-Turbo's 22.9 / 25.4 (4 steps, mask),
+# UNet 70.4 / 27.6 (50 steps, edit cfg 1, no mask), SDXL-Turbo's 22.9 / 25.4 (4 steps, mask),
 # Flux.1-schnell's on the world Flux 38.1 / 31.0 (4 steps, mask threshold 0.45); every edit
 # keeps the shape.
 WORLD_PSNR = {SD15: (50.0, 20.0), TURBO: (15.0, 20.0), FLUX: (25.0, 25.0)}
