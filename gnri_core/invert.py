@@ -93,7 +93,8 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     progress = _Progress(callback, steps * _expected_passes(method, opts, noise_maps, eta))
     result = _invert_steps(denoise, x0, sigmas, method, family, opts, progress.step, noise_maps, eta)
     if opts.round_trip_check > 0:
-        result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta, progress)
+        result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta, progress,
+                                  naive=_is_naive(method, opts))
     return result
 
 
@@ -103,7 +104,13 @@ def _expected_passes(method: str, opts: SolverOptions, noise_maps, eta: float) -
     two; a deterministic one adds those only where an image misses the threshold."""
     if opts.round_trip_check <= 0:
         return 1
-    return 4 if _always_compared(noise_maps, eta) and method != "ddim" and opts.max_iters > 1 else 2
+    return 4 if _always_compared(noise_maps, eta) and not _is_naive(method, opts) else 2
+
+
+def _is_naive(method: str, opts: SolverOptions) -> bool:
+    """One iteration per step is naive inversion itself (solver step 5): nothing to compare with.
+    A larger budget that stops early is not (gnri then returns a Newton step)."""
+    return method == "ddim" or opts.max_iters == 1
 
 
 def _always_compared(noise_maps, eta: float) -> bool:
@@ -169,7 +176,8 @@ def round_trip_error(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
 
 
 def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResult, threshold: float,
-                     noise_maps=None, eta: float = 1.0, progress: Optional[_Progress] = None) -> InversionResult:
+                     noise_maps=None, eta: float = 1.0, progress: Optional[_Progress] = None,
+                     naive: Optional[bool] = None) -> InversionResult:
     """Judges the inversion by what regeneration does to it, not by its residuals: where a
     sample's round-trip error exceeds ``threshold`` (on an ancestral inversion: always), the
     batch is inverted with ``ddim`` too and each such sample keeps whichever inversion
@@ -177,14 +185,15 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     solved to a root of another basin (a mode flip) regenerates another image however small
     its residual; ancestral steps are ill-posed, and there naive inversion can beat a round
     trip well within the threshold (docs/benchmark.md).
+    ``naive``: the result is naive inversion's own (``invert`` knows from its options; default:
+    its method is ``ddim``), so nothing is compared.
     Sets ``round_trip`` (per sample, of the kept inversion), ``fell_back`` and ``compared``."""
     progress = progress or _Progress(None, 0)
     error = round_trip_error(denoise, x0, result, noise_maps, eta, progress.phase("round_trip"))
     steps = calls = len(result.sigmas) - 1
     fell_back = torch.zeros_like(error, dtype=torch.bool)
-    is_naive = result.method == "ddim" or max(result.iterations) == 1  # one iteration per step is ddim
     compared = torch.ones_like(fell_back) if _always_compared(noise_maps, eta) else error > threshold
-    if is_naive:
+    if (result.method == "ddim") if naive is None else naive:
         compared = torch.zeros_like(compared)
     if bool(compared.any()):
         progress.total = max(progress.total, progress.done + 2 * steps)

@@ -1422,6 +1422,20 @@ def test_round_trip_check_is_per_sample_and_works_with_frozen_noise_maps():
         assert alone.round_trip[0] == pytest.approx(batch.round_trip[i], rel=1e-3, abs=1e-7)
 
 
+def test_round_trip_check_compares_an_ancestral_inversion_that_converged_at_once():
+    """Every step converging at its first evaluation is not naive inversion (gnri returns the
+    Newton step from there): the ancestral inversion is still compared with ddim, as its
+    progress total said from the start; one iteration per step is ddim and is not."""
+    den, sigmas, noise, maps, x0 = _ancestral_case("mixture", "eps")
+    steps = len(sigmas) - 1
+    seen: list = []
+    early = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, tol=1.0, callback=seen.append)
+    assert early.iterations == [1] * steps and early.compared == [True] * x0.shape[0]
+    assert len(seen) == 4 * steps and seen[-1]["total"] == 4 * steps
+    one = invert(den, x0, sigmas, "gnri", "eps", noise_maps=maps, max_iters=1)
+    assert one.compared == [False] * x0.shape[0] and one.round_trip_calls == steps
+
+
 def test_round_trip_check_always_compares_ancestral_inversions_with_ddim():
     """On an ancestral inversion the check runs ddim whatever the round-trip error (its steps
     are ill-posed: naive inversion can beat a round trip well within the threshold) and each
