@@ -1422,6 +1422,22 @@ def test_round_trip_check_is_per_sample_and_works_with_frozen_noise_maps():
         assert alone.round_trip[0] == pytest.approx(batch.round_trip[i], rel=1e-3, abs=1e-7)
 
 
+@pytest.mark.parametrize("problem,family", CASES, ids=CASE_IDS)
+def test_a_converged_step_returns_the_newton_step_from_there(problem, family):
+    """A step that reached the tolerance returns step 4's Newton step from its best iterate
+    (no model call): its true residual, one regenerated step, is below the reported one
+    (the best evaluated iterate's)."""
+    den, gen = generated(problem, family)
+    result = invert(den, gen.x0, gen.sigmas, "gnri", family, round_trip_check=0.0)
+    converged = [i for i, code in enumerate(result.codes) if code == "converged"]
+    assert converged
+    for i in converged:
+        below, above = result.trajectory[i], result.trajectory[i + 1]
+        x = gnri_core.reconstruct(den, above, gen.sigmas[i:i + 2].flip(0), family=family)
+        true = relative_error(x, below)  # rms(r) / rms(z_prev), as the reported residual (ATOL aside)
+        assert true < result.residuals[i], (i, true, result.residuals[i])
+
+
 def test_round_trip_check_compares_an_ancestral_inversion_that_converged_at_once():
     """Every step converging at its first evaluation is not naive inversion (gnri returns the
     Newton step from there): the ancestral inversion is still compared with ddim, as its
