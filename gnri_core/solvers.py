@@ -528,7 +528,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
             drift = rms(denoised - source)
             evaluated.append((objective.masked_fill(reject, float("inf")), relative, z, fz, denoised, drift))
         history.append(float(torch.where(reject, relative, best.relative).max()))
-        stop = converged(best.relative, o.tol)  # step 6: still take the Newton step below, no call
+        stop = converged(best.relative, o.tol)  # step 5 still takes the Newton step below (no call)
         zs, gs = (zs + [z])[-(o.window + 1):], (gs + [-r])[-(o.window + 1):]  # step 4
         valid = (valid + 1).clamp_max(len(zs))
         weight = _guidance_weight(p, o, iteration, r, z, anchor, beta)
