@@ -94,7 +94,7 @@ def invert(denoise: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, method: st
     result = _invert_steps(denoise, x0, sigmas, method, family, opts, progress.step, noise_maps, eta)
     if opts.round_trip_check > 0:
         result = check_round_trip(denoise, x0, result, opts.round_trip_check, noise_maps, eta, progress,
-                                  naive=_is_naive(method, opts))
+                                  is_naive=_is_naive(method, opts))
     return result
 
 
@@ -177,7 +177,7 @@ def round_trip_error(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
 
 def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResult, threshold: float,
                      noise_maps=None, eta: float = 1.0, progress: Optional[_Progress] = None,
-                     naive: Optional[bool] = None) -> InversionResult:
+                     is_naive: Optional[bool] = None) -> InversionResult:
     """Judges the inversion by what regeneration does to it, not by its residuals: where a
     sample's round-trip error exceeds ``threshold`` (on an ancestral inversion: always), the
     batch is inverted with ``ddim`` too and each such sample keeps whichever inversion
@@ -185,7 +185,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     solved to a root of another basin (a mode flip) regenerates another image however small
     its residual; ancestral steps are ill-posed, and there naive inversion can beat a round
     trip well within the threshold (docs/benchmark.md).
-    ``naive``: the result is naive inversion's own (``invert`` knows from its options; default:
+    ``is_naive``: the result is naive inversion's own (``invert`` knows from its options; default:
     its method is ``ddim``), so nothing is compared.
     Sets ``round_trip`` (per sample, of the kept inversion), ``fell_back`` and ``compared``."""
     progress = progress or _Progress(None, 0)
@@ -193,7 +193,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     steps = calls = len(result.sigmas) - 1
     fell_back = torch.zeros_like(error, dtype=torch.bool)
     compared = torch.ones_like(fell_back) if _always_compared(noise_maps, eta) else error > threshold
-    if (result.method == "ddim") if naive is None else naive:
+    if (result.method == "ddim") if is_naive is None else is_naive:
         compared = torch.zeros_like(compared)
     if bool(compared.any()):
         progress.total = max(progress.total, progress.done + 2 * steps)
