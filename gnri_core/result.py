@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,7 @@ class StepResult:
     code: str
     history: tuple[float, ...] = ()
     backward_passes: int = 0
+    sample_residuals: Optional[torch.Tensor] = None  # per sample, ``residual``'s measure (GNRI secant only)
 
 
 @dataclass
@@ -46,6 +48,11 @@ class InversionResult:
     compared:    per sample, whether the check also inverted it with ``ddim`` (what one
                  image per inversion pays: 2 more calls per step where True).
     round_trip_calls: the model calls of that check (included in ``nfe``).
+    worst_residuals: per sample, the largest relative residual over the steps (None: the
+                 solver does not report it per sample); where every sample's is within
+                 ``CONVERGED`` (1e-3), a deterministic inversion's check does not regenerate
+                 (``check_round_trip``: ``round_trip_skipped``): ``round_trip`` stays empty,
+                 ``fell_back`` and ``compared`` all False.
     """
 
     noise: torch.Tensor
@@ -63,6 +70,8 @@ class InversionResult:
     fell_back: list[bool] = field(default_factory=list)
     compared: list[bool] = field(default_factory=list)
     round_trip_calls: int = 0
+    worst_residuals: Optional[list[float]] = None
+    round_trip_skipped: bool = False
 
     def summary(self) -> str:
         """One line per step, for node UI text and logs."""
@@ -78,4 +87,7 @@ class InversionResult:
                                                    " (naive inversion also tried: it reproduced worse)" if tried else "")
                              for e, back, tried in zip(self.round_trip, self.fell_back, compared))
             lines.append(f"round trip (regenerated vs input, relative error per image): {kept}")
+        elif self.round_trip_skipped:
+            lines.append("round trip not regenerated: every step of every image converged (relative residual "
+                         "within 1e-3; such inversions never fell below naive inversion, docs/benchmark.md)")
         return "\n".join(lines)

@@ -555,7 +555,7 @@ def solve_gnri_secant(p: StepProblem, o: SolverOptions) -> StepResult:
     p.carry["last_eval"] = {"sigma": p.sigma_next, "denoised": denoised_at_z}
     # with step 7's budget the step iterates toward extra_tol: reaching it is converging
     tol = max(o.tol, o.extra_tol) if _extra_budget(p, o) > 0 else o.tol
-    return _result(z, history, len(history), tol)
+    return replace(_result(z, history, len(history), tol), sample_residuals=best.relative)
 
 
 class EndedEarly:

@@ -322,7 +322,9 @@ def _check_bookkeeping(result: InversionResult, counter: CountingDenoiser, x0, s
     naive = [float(s) for s in torch.as_tensor(sigmas)[1:]]
     checks = {0: [], steps: regenerate, 3 * steps: regenerate + naive + regenerate}
     assert called[len(expected):] == pytest.approx(checks[result.round_trip_calls])
-    lines = steps + 1 + bool(result.round_trip)
+    if result.round_trip_skipped:  # every step of every sample converged: not regenerated
+        assert result.round_trip_calls == 0 and result.round_trip == [] and max(result.worst_residuals) <= 1e-3
+    lines = steps + 1 + bool(result.round_trip or result.round_trip_skipped)
     assert isinstance(result.summary(), str) and len(result.summary().splitlines()) == lines
 
 
@@ -850,11 +852,13 @@ def test_sample_guided_nr_inverts_and_samples(cid, method, options, family):
     expected = gnri_core.invert(den, gen.x0, gen.sigmas, method=method, family=family, **options)
     assert torch.equal(noise, expected.noise.to(gen.x0.dtype))
     assert torch.equal(noise, result.noise)
-    # one per step, then one per step of the round-trip check, numbered on, with the total so far
-    assert len(callbacks) == 4 + result.round_trip_calls
-    assert [c["i"] for c in callbacks] == list(range(len(callbacks)))
+    # one per step, then one per step of the round-trip check, numbered on, with the total so far;
+    # a check skipped (every step converged) repeats the last one with the total it came to
+    ticks = callbacks[:-1] if result.round_trip_skipped else callbacks
+    assert len(ticks) == 4 + result.round_trip_calls
+    assert [c["i"] for c in ticks] == list(range(len(ticks)))
     assert all({"x", "i", "sigma", "sigma_hat", "denoised", "total"} <= set(c) for c in callbacks)
-    assert callbacks[-1]["total"] == len(callbacks)
+    assert callbacks[-1]["total"] == len(ticks) and callbacks[-1]["i"] == len(ticks) - 1
 
     model.extra.clear()
     callbacks.clear()
@@ -1151,8 +1155,8 @@ def test_contraction_stops_only_where_convergence_stalls(problem, family):
     the third); 0 is the default."""
     assert DEFAULTS["gnri"].contraction == 0.0
     den, gen = generated(problem, family)
-    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0)
-    guarded = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, contraction=0.5)
+    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, round_trip_check=0)
+    guarded = invert(den, gen.x0, gen.sigmas, "gnri", family, tol=0, round_trip_check=0, contraction=0.5)
     assert guarded.nfe <= plain.nfe
     assert math.isfinite(_recon_error(den, gen.x0, gen.sigmas, "gnri", family, tol=0, contraction=0.5))
     two = [invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=2, extra_iters=0, contraction=c).noise
@@ -1368,11 +1372,13 @@ def test_ancestral_pull_grows_as_the_step_gets_ill_posed(sigma_down, sigma_next,
 @pytest.mark.parametrize("family", FAMILIES)
 def test_round_trip_check_keeps_a_good_inversion_and_counts_its_calls(family):
     """An inversion that regenerates its input within the threshold is kept as it is; the
-    check costs one regeneration (one call per step) and reports the per-sample error."""
+    check costs one regeneration (one call per step) and reports the per-sample error. (A
+    fixed budget without a tolerance: no step is known to have converged, so it regenerates.)"""
     den, gen = generated("mixture", family)
     counter = CountingDenoiser(den)
-    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, round_trip_check=0.0)
-    checked = invert(counter, gen.x0, gen.sigmas, "gnri", family)
+    fixed = dict(tol=0, extra_iters=0)
+    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, round_trip_check=0.0, **fixed)
+    checked = invert(counter, gen.x0, gen.sigmas, "gnri", family, **fixed)
     assert DEFAULTS["gnri"].round_trip_check == 0.05 and DEFAULTS["anderson"].round_trip_check == 0
     steps = len(gen.sigmas) - 1
     assert counter.calls == checked.nfe == plain.nfe + steps
@@ -1394,6 +1400,7 @@ def test_round_trip_check_falls_back_to_ddim_only_where_it_reproduces_better(fam
     ruined = [z.clone() for z in result.trajectory]
     ruined[-1][1] = -ruined[-1][1]  # sample 1's noise now regenerates something else
     result.trajectory, result.noise = ruined, ruined[-1]
+    result.worst_residuals = None  # no longer the solver's: whether its steps converged is not known
     nfe = result.nfe
     checked = gnri_core.check_round_trip(den, gen.x0, result, threshold=0.05)
     ddim = invert(den, gen.x0, gen.sigmas, "ddim", family)
@@ -1406,6 +1413,29 @@ def test_round_trip_check_falls_back_to_ddim_only_where_it_reproduces_better(fam
         torch.testing.assert_close(ours[1], naive[1], rtol=0, atol=0)
     x = reconstruct(den, ddim.noise, gen.sigmas)
     assert checked.round_trip[1] == pytest.approx(relative_error(x[1:], gen.x0[1:]), rel=1e-2)  # ATOL in the scale
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_check_skips_an_inversion_whose_every_step_converged(family):
+    """Where every step of every sample converged (relative residual within 1e-3), the check
+    does not regenerate: no calls, no error to report, the answer unchanged, the progress bar
+    ends at what was done. A sample unconverged at one step regenerates the batch; a loose
+    tolerance does not count as converged."""
+    den, gen = generated("gaussian", family)
+    plain = invert(den, gen.x0, gen.sigmas, "gnri", family, round_trip_check=0.0)
+    assert max(plain.worst_residuals) <= 1e-3 and not plain.round_trip_skipped
+    ticks = []
+    checked = invert(den, gen.x0, gen.sigmas, "gnri", family, callback=ticks.append)
+    assert checked.round_trip_skipped and checked.nfe == plain.nfe and checked.round_trip_calls == 0
+    assert checked.round_trip == [] and checked.fell_back == checked.compared == [False, False]
+    torch.testing.assert_close(checked.noise, plain.noise, rtol=0, atol=0)
+    assert "not regenerated" in checked.summary() and "not regenerated" not in plain.summary()
+    steps = len(gen.sigmas) - 1
+    assert ticks[0]["total"] == 2 * steps and ticks[-1]["total"] == steps and ticks[-1]["i"] == steps - 1
+    # one iteration more than naive on each step, no extra ones: some step stays above 1e-3
+    short = invert(den, gen.x0, gen.sigmas, "gnri", family, max_iters=2, extra_iters=0, tol=0.5)
+    assert max(short.worst_residuals) > 1e-3 and not short.round_trip_skipped
+    assert short.round_trip_calls >= steps and len(short.round_trip) == 2
 
 
 def test_round_trip_check_is_per_sample_and_works_with_frozen_noise_maps():

@@ -169,6 +169,22 @@ def test_progress_one_tick_per_step(executor):
     assert [(v, t) for node, v, t in ticks if node == "invert"] == [(i, 20) for i in range(1, 21)]
 
 
+def test_a_converged_inversion_skips_the_check_and_says_so(executor):
+    """Through the real executor: where every step converged the check does not regenerate,
+    the report says why, and the progress bar ends at its last inversion step, full."""
+    ticks, steps = [], 20  # the tiny EPS model converges on every step of a 20-step schedule
+    prompt = {**source_nodes("eps"), "invert": invert_node(steps=steps, iterations=3), **regenerate_advanced()}
+    ui = executor.run(prompt, on_progress=lambda value, total, node: ticks.append((node, value, total)))
+    result = executor.node_output("invert")[3].result
+    assert result.round_trip_skipped and result.round_trip_calls == 0 and result.round_trip == []
+    assert result.nfe == sum(result.iterations)
+    text = " ".join(str(t) for t in ui.get("invert", {}).get("text", []))
+    assert "round trip not regenerated" in text, text
+    invert_ticks = [(v, t) for node, v, t in ticks if node == "invert"]
+    assert invert_ticks[0] == (1, 2 * steps) and invert_ticks[-1] == (steps, steps)
+    assert ui["stats"]["gnri_stats"][0]["rel_rms"] < 1e-2
+
+
 def test_interrupt_between_iterations(executor):
     import nodes as comfy_nodes
     from conftest import PromptExecutionError
