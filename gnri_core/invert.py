@@ -202,7 +202,7 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     its method is ``ddim``), so nothing is compared.
     A deterministic inversion whose every step converged on every sample (relative residual
     within ``CONVERGED``, ``result.worst_residuals``) is not regenerated (``round_trip_skipped``):
-    on the mixture beds none of 468 such images had a round trip near the threshold (at most
+    on the mixture beds none of 471 such images had a round trip near the threshold (at most
     0.033) or below naive inversion (docs/benchmark.md); the check is for steps that did not
     converge. (A looser tolerance stops steps earlier, not the check.)
     Sets ``round_trip`` (per sample, of the kept inversion), ``fell_back`` and ``compared``."""
