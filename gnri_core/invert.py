@@ -17,14 +17,11 @@ import torch
 from .ancestral import ancestral_step, check_noise_maps
 from .errors import InversionInputError
 from .problem import ATOL, FAMILIES, Denoiser, StepProblem, per_sample, rms, to_d
-from .result import InversionResult
+from .result import SKIP_CHECK_RESIDUAL, InversionResult
 from .solvers import DEFAULTS, SOLVERS, SolverOptions
 
 FAMILY_ALIASES = {"eps": "eps", "v_prediction": "eps", "v": "eps", "flow": "flow", "const": "flow"}
 METHODS = tuple(SOLVERS)
-# the round-trip check skips a deterministic inversion whose every step's relative residual is
-# within this on every sample (the extra iterations' tolerance; measured: docs/benchmark.md)
-CONVERGED = 1e-3
 
 
 def check_family(family: str) -> str:
@@ -201,15 +198,16 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     ``is_naive``: the result is naive inversion's own (``invert`` knows from its options; default:
     its method is ``ddim``), so nothing is compared.
     A deterministic inversion whose every step converged on every sample (relative residual
-    within ``CONVERGED``, ``result.worst_residuals``) is not regenerated (``round_trip_skipped``):
+    within ``SKIP_CHECK_RESIDUAL``, ``result.worst_residuals``) is not regenerated (``round_trip_skipped``):
     on the mixture beds none of 471 such images had a round trip near the threshold (at most
     0.033) or below naive inversion (docs/benchmark.md); the check is for steps that did not
     converge. (A looser tolerance stops steps earlier, not the check.)
     Sets ``round_trip`` (per sample, of the kept inversion), ``fell_back`` and ``compared``."""
     progress = progress or _Progress(None, 0)
-    if (result.worst_residuals and max(result.worst_residuals) <= CONVERGED
-            and not _always_compared(noise_maps, eta)
-            and not ((result.method == "ddim") if is_naive is None else is_naive)):
+    naive = (result.method == "ddim") if is_naive is None else is_naive
+    always = _always_compared(noise_maps, eta)
+    if (result.worst_residuals and max(result.worst_residuals) <= SKIP_CHECK_RESIDUAL
+            and not always and not naive):
         result.round_trip_skipped = True
         result.fell_back = result.compared = [False] * len(result.worst_residuals)
         progress.finish()
@@ -217,8 +215,8 @@ def check_round_trip(denoise: Denoiser, x0: torch.Tensor, result: InversionResul
     error = round_trip_error(denoise, x0, result, noise_maps, eta, progress.phase("round_trip"))
     steps = calls = len(result.sigmas) - 1
     fell_back = torch.zeros_like(error, dtype=torch.bool)
-    compared = torch.ones_like(fell_back) if _always_compared(noise_maps, eta) else error > threshold
-    if (result.method == "ddim") if is_naive is None else is_naive:
+    compared = torch.ones_like(fell_back) if always else error > threshold
+    if naive:
         compared = torch.zeros_like(compared)
     if bool(compared.any()):
         progress.total = max(progress.total, progress.done + 2 * steps)

@@ -5,6 +5,7 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..gnri_core import DEFAULTS, METHODS, InversionInputError
+from ..gnri_core.result import SKIP_CHECK_RESIDUAL
 from .comfy_glue import (InvertedNoise, batch_notes, check_finite, empty_latent_note, guided_nr_sampler,
                          invert_latent, notes_text, schedule)
 
@@ -69,7 +70,8 @@ def round_trip_input():
                                    "this (with euler_ancestral: always), also invert it naively (ddim, two calls per step) "
                                    "and keep whichever reproduces it better: an image that misses this is never worse "
                                    "than naive inversion. Skipped (no calls) where every step of every image converged "
-                                   "(relative residual within 1e-3). 0: off (exactly the solver's calls). Not with method ddim."))
+                                   f"(relative residual within {SKIP_CHECK_RESIDUAL:g}). 0: off (exactly the solver's calls). "
+                                   "Not with method ddim."))
 
 
 def choice(table: dict, value: str, name: str) -> dict:
