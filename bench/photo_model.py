@@ -205,6 +205,19 @@ class PhotoMixture:
         out = idct2(post.view(x.shape).double(), self.m)
         return out.to(dtype)
 
+    def jacobian(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exact dD/dx at one latent ``x`` (batch 1) in DCT coefficients, as
+        diag(gain) + U V^T (rank K + 1): the Wiener gain a c / v, plus how the component
+        weights move the mean, (1 - a^2 c / v) Cov_w[mu] (a / v), Cov_w = mu^T (diag w - w w^T) mu."""
+        w = self.weights(x, sigma)[0]
+        a = float(self.alpha(torch.tensor(float(sigma))))
+        v = a ** 2 * self.c + float(sigma) ** 2
+        spread = self.mu_hat.T * w.sqrt()                        # (D, K)
+        mean = (w @ self.mu_hat)[:, None]                        # (D, 1)
+        u = (1 - a ** 2 * self.c / v)[:, None] * torch.cat([spread, -mean], 1)
+        v_ = (a / v)[:, None] * torch.cat([spread, mean], 1)
+        return a * self.c / v, u, v_
+
     def weights(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Posterior component weights (diagnostics)."""
         s = torch.full((x.shape[0], 1), float(sigma), dtype=torch.float64)

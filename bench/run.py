@@ -5,6 +5,7 @@ One command, one subcommand per benchmark (all over the one method registry, met
     python -m bench                   # suite: every method on every case -> bench/results/
     python -m bench --quick           # the suite, < 2 min on 2 cores -> bench/results/quick/
     python -m bench tails [--quick] [--batch 1]  # per-image distributions over >= 100 generated images (tails.py)
+    python -m bench oracle [--quick]  # a bound: Newton with the exact Jacobian, for free, on the tails beds (oracle.py)
     python -m bench sensitivity       # regeneration's sensitivity to tiny noise errors (sensitivity.py)
     python -m bench edit [--quick]    # editing benchmark on the world models (edit_bench.py)
     python -m bench uses [--quick]    # interpolation and rare-concept seeds on the world models (uses_bench.py)
@@ -43,7 +44,7 @@ SMOKE = dict(photo_families=("eps",), photo_steps=(4,), photo_inputs=("gen0",), 
              photo_repeat=1)
 
 
-COMMANDS = ("suite", "tails", "sensitivity", "edit", "uses", "recon", "diffusers", "gpu")
+COMMANDS = ("suite", "tails", "oracle", "sensitivity", "edit", "uses", "recon", "diffusers", "gpu")
 
 
 def parse(argv=None):
@@ -60,7 +61,7 @@ def parse(argv=None):
     p.add_argument("--family", choices=("unet", "flux"), help="edit, recon: this world model only")
     p.add_argument("--out", help="output folder (default bench/results, --quick: bench/results/quick)")
     p.add_argument("--methods", help="comma-separated method keys to run (default: all)")
-    p.add_argument("--models", help="tails: comma-separated photo models to run (dct, iso; default both)")
+    p.add_argument("--models", help="tails, oracle: comma-separated photo models to run (dct, iso; default both)")
     p.add_argument("--batch", type=int, help="tails: images per inversion (default 4; 1: what one photo costs, "
                    "the cost rows only, into results/tails_batch1)")
     p.add_argument("--held-out", action="store_true",
@@ -81,6 +82,9 @@ def main(argv=None):
     if args.command == "tails":
         from . import tails
         sys.exit(tails.main(args, RESULTS))
+    if args.command == "oracle":
+        from . import oracle
+        sys.exit(oracle.main(args, RESULTS))
     if args.command == "sensitivity":
         from . import sensitivity
         sys.exit(sensitivity.main())

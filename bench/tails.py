@@ -247,12 +247,36 @@ def markdown(records, meta) -> str:
     return "\n".join(parts) + "\n"
 
 
+def save_results(out: str, models, meta: dict, records: list) -> None:
+    """One process's run: ``results_<models>.json`` in ``out``."""
+    from .run import _round
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"results_{'_'.join(models)}.json"), "w") as f:
+        json.dump({"meta": meta, "records": _round(records)}, f, default=str)
+
+
+def write_report(out: str, markdown) -> int:
+    """results.md of ``out`` from every ``results_*.json`` there (one per process: the seconds
+    summed), printed too."""
+    records, meta = [], None
+    for name in sorted(os.listdir(out)):
+        if name.startswith("results_") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                data = json.load(f)
+            records += data["records"]
+            meta = dict(data["meta"], seconds=(meta or {}).get("seconds", 0.0) + data["meta"]["seconds"])
+    text = markdown(records, meta)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
 def main(args, results_dir: str) -> int:
     """Runs the models named by ``--models`` (default all) into ``results_<models>.json``,
     then rewrites results.md from every ``results_*.json`` of the folder (``--report-only``:
     only that; so the two models can run as two processes and be merged)."""
     from . import env
-    from .run import _round
     mode = "quick" if args.quick else "full"
     batch = BATCH if args.batch is None else args.batch
     if batch < 1:
@@ -273,18 +297,5 @@ def main(args, results_dir: str) -> int:
                 "command": "python -m bench tails" + (" --quick" if args.quick else "")
                 + (f" --batch {batch}" if batch != BATCH else ""),
                 "default_lam": core.DEFAULTS["gnri"].lam, **config_mode}
-        with open(os.path.join(out, f"results_{'_'.join(models)}.json"), "w") as f:
-            json.dump({"meta": meta, "records": _round(records)}, f, default=str)
-    records, meta = [], None
-    for name in sorted(os.listdir(out)):
-        if name.startswith("results_") and name.endswith(".json"):
-            with open(os.path.join(out, name)) as f:
-                data = json.load(f)
-            records += data["records"]
-            seconds = (meta or {}).get("seconds", 0.0)
-            meta = dict(data["meta"], seconds=seconds + data["meta"]["seconds"])
-    text = markdown(records, meta)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
-    return 0
+        save_results(out, models, meta, records)
+    return write_report(out, markdown)

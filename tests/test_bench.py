@@ -253,3 +253,62 @@ def test_world_reconstruction_bench_measures_every_row():
     assert by[world_recon.NO_CHECK_KEY]["compared"] == [] and by["ddim"]["compared"] == []
     assert "| gnri default, euler_ancestral | " in world_recon.table(records, "unet", 4)
     assert "| 100 % |" in world_recon.table(records, "unet", 4)
+
+
+def test_photo_mixture_jacobian_is_the_denoisers_derivative():
+    """``PhotoMixture.jacobian`` (diagonal plus rank K + 1 in DCT coefficients, what ``python -m
+    bench oracle`` solves with) equals autograd's Jacobian-vector product of the denoiser."""
+    import torch
+    from bench.photo_model import PhotoMixture, dct2, idct2
+    g = torch.Generator().manual_seed(0)
+    for family, sigma in (("eps", 0.05), ("eps", 0.45), ("eps", 3.2), ("flow", 0.25), ("flow", 0.75)):
+        for isotropic in (None, 0.3):
+            model = PhotoMixture(family, size=32, **({} if isotropic is None else {"isotropic": isotropic}))
+            x = 0.5 * torch.randn(1, 3, 32, 32, generator=g, dtype=torch.float64)
+            v = torch.randn(1, 3, 32, 32, generator=g, dtype=torch.float64)
+            with torch.enable_grad():
+                _, jv = torch.autograd.functional.jvp(lambda y: model(y, torch.tensor([sigma])), x, v)
+            gain, u, w = model.jacobian(x, sigma)
+            coef = dct2(v, model.m).flatten()
+            ours = idct2((gain * coef + u @ (w.T @ coef)).view(v.shape), model.m)
+            assert float((ours - jv).norm() / jv.norm()) < 1e-6, (family, sigma, isotropic)
+
+
+def test_exact_newton_bound_inverts_a_generated_image_and_counts_only_evaluations():
+    """``python -m bench oracle``'s damped Newton with the exact Jacobian: at a tolerance it
+    reproduces a generated image almost exactly; a budget of K spends exactly K calls per step."""
+    import torch
+    from bench import env, oracle, tails
+    from bench.photo_model import PhotoMixture
+    core = env.core()
+    model = PhotoMixture("flow", size=32, isotropic=0.3)
+    sigmas = tails.schedule("flow", 10)
+    batches = tails.generate(core, model, sigmas, 2, ancestral=False, batch=1)
+    with torch.no_grad():
+        converged = oracle.measure(core, model, sigmas, batches, ("tol", oracle.MAX_CALLS, 1e-3, False))
+        two = oracle.measure(core, model, sigmas, batches, ("x2", 2, 0.0, False))
+        checked = oracle.measure(core, model, sigmas, batches, ("checked", oracle.MAX_CALLS, 1e-3, True))
+    assert min(converged["psnr"]) > 80 and max(converged["noise_err"]) < 1e-3
+    assert 1.0 < converged["calls_per_step"] < 4.0
+    assert two["calls_per_step"] == 2.0
+    # every step converged: the core's check skips the regeneration, so it costs nothing more
+    assert checked["calls_per_step"] == converged["calls_per_step"] and checked["psnr"] == converged["psnr"]
+
+
+def test_oracle_merges_its_per_model_results_into_one_table(tmp_path, monkeypatch):
+    """``python -m bench oracle --models iso`` then ``--report-only``: results_<model>.json files
+    merge into results.md with every row, per input and per schedule."""
+    import argparse
+    import torch
+    from bench import env, oracle
+    monkeypatch.setattr(oracle, "SCHEDULES", (("flow", 4),))
+    with torch.no_grad():
+        records = oracle.run(env.core(), dict(images=2), models=("iso",))
+    meta = dict(mode="full", seconds=1.0, images=2, command="python -m bench oracle")
+    (tmp_path / "results_iso.json").write_text(json.dumps({"meta": meta, "records": records}))
+    args = argparse.Namespace(report_only=True, out=str(tmp_path), quick=False, models=None)
+    assert oracle.main(args, "unused") == 0
+    text = (tmp_path / "results.md").read_text()
+    for label, *_ in oracle.ROWS:
+        assert text.count(f"| {label} |") == 3  # generated, data, and the per-schedule row
+    assert "iso mixture, data samples" in text
