@@ -79,20 +79,20 @@ def invert_exact_newton(core, model: PhotoMixture, x0, ascending, budget: int, t
         z_prev, h = z, s1 - s
         if s > 0:  # the Euler predictor, D(z_prev, s) free
             z = z_prev + h * (z_prev - model(z_prev, torch.tensor([s]))) / s
-        best = None
+        best, best_z, answer = float("inf"), z, z  # answer: the Newton step from the best iterate
         for _ in range(budget):
             r = s / s1 * z + h / s1 * model(z, torch.tensor([s1])) - z_prev
             result.nfe += 1
             relative = float(r.pow(2).mean().sqrt() / (core.problem.ATOL + z_prev.pow(2).mean().sqrt()))
-            if best is not None and relative > best[0]:
-                z = best[1] + 0.5 * (z - best[1])
+            if relative > best:
+                z = best_z + 0.5 * (z - best_z)
                 continue
-            best = (relative, z, r)
-            z = newton_step(model, z, r, s, s1)
+            best, best_z = relative, z
+            z = answer = newton_step(model, z, r, s, s1)
             if relative <= tol:
                 break
-        z = newton_step(model, best[1], best[2], s, s1)
-        worst = max(worst, best[0])
+        worst = max(worst, best)
+        z = answer
         result.trajectory.append(z.float())
     result.noise = result.trajectory[-1]
     result.worst_residuals = [worst]
