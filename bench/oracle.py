@@ -32,7 +32,9 @@ import torch
 
 from . import metrics
 from .photo_model import PhotoMixture, dct2, idct2
-from .tails import MODELS, SCHEDULES, data_samples, generate, save_results, schedule, summary, write_report
+from .tails import (MODELS, SCHEDULES, Config, below_ddim, data_samples, generate, save_results, schedule,
+                    summary, write_report)
+from .tails import measure as tails_measure
 
 MAX_CALLS = 12
 ROWS = (  # (label, calls per step at most, tolerance, round-trip check)
@@ -50,14 +52,13 @@ INPUTS = {"generated": "deterministic (Euler) inversion of generated images",
           "data": "data samples (no exact inverse)"}
 
 
-def newton_step(model: PhotoMixture, z, r, sigma: float, sigma_next: float):
-    """z - J^-1 r for the step's residual r = (s / s') z + (h / s') D(z, s') - z_prev, whose
-    Jacobian (s / s') I + (h / s') dD/dz is diagonal plus rank K + 1 in DCT coefficients:
+def newton_step(model: PhotoMixture, p, z, r):
+    """z - J^-1 r for the step ``p``'s residual r = z - f(z), whose Jacobian (s / s') I + (h / s')
+    dD/dz (``StepProblem.slope`` of the gain) is diagonal plus rank K + 1 in DCT coefficients:
     solved exactly by the Woodbury identity."""
-    h = sigma_next - sigma
-    gain, u, v = model.jacobian(z, sigma_next)
-    diag = sigma / sigma_next + h / sigma_next * gain
-    u = h / sigma_next * u
+    gain, u, v = model.jacobian(z, p.sigma_next)
+    diag = p.slope(gain)
+    u = p.h / p.sigma_next * u
     b = dct2(r.double(), model.m).flatten()
     a_b, a_u = b / diag, u / diag[:, None]
     small = torch.eye(u.shape[1], dtype=torch.float64) + v.T @ a_u
@@ -66,29 +67,29 @@ def newton_step(model: PhotoMixture, z, r, sigma: float, sigma_next: float):
 
 
 def invert_exact_newton(core, model: PhotoMixture, x0, ascending, budget: int, tol: float):
-    """An InversionResult (batch 1) of damped Newton with the exact Jacobian. Per step: evaluate
-    r (one call); where the residual rose above the best, back off halfway toward the best
-    iterate, else take the Newton step; stop once the best residual is within ``tol`` or the
-    budget is spent, and return the Newton step from the best iterate (free)."""
+    """An InversionResult (batch 1) of damped Newton with the exact Jacobian, on the core's own
+    step problem (residual and relative measure). Per step: evaluate r (one call); where the
+    residual rose above the best, back off halfway toward the best iterate, else take the Newton
+    step; stop once the best residual is within ``tol`` or the budget is spent, and return the
+    Newton step from the best iterate (free)."""
     z = x0.double()
     result = core.InversionResult(noise=x0, trajectory=[x0.float()], sigmas=ascending, method="exact_newton",
                                   family=model.family)
     worst = 0.0
     for i in range(len(ascending) - 1):
-        s, s1 = float(ascending[i]), float(ascending[i + 1])
-        z_prev, h = z, s1 - s
-        if s > 0:  # the Euler predictor, D(z_prev, s) free
-            z = z_prev + h * (z_prev - model(z_prev, torch.tensor([s]))) / s
+        p = core.problem.StepProblem(model, z, float(ascending[i]), float(ascending[i + 1]), model.family)
+        if p.sigma > 0:  # the Euler predictor, D(z_prev, s) free
+            z = p.z_prev + p.h * (p.z_prev - model(p.z_prev, torch.tensor([p.sigma]))) / p.sigma
         best, best_z, answer = float("inf"), z, z  # answer: the Newton step from the best iterate
         for _ in range(budget):
-            r = s / s1 * z + h / s1 * model(z, torch.tensor([s1])) - z_prev
+            r = z - p.fixed_point_map(z, model(z, torch.tensor([p.sigma_next])))
             result.nfe += 1
-            relative = float(r.pow(2).mean().sqrt() / (core.problem.ATOL + z_prev.pow(2).mean().sqrt()))
+            relative = float(p.relative(r))
             if relative > best:
                 z = best_z + 0.5 * (z - best_z)
                 continue
             best, best_z = relative, z
-            z = answer = newton_step(model, z, r, s, s1)
+            z = answer = newton_step(model, p, z, r)
             if relative <= tol:
                 break
         worst = max(worst, best)
@@ -117,19 +118,6 @@ def measure(core, model, sigmas, batches, row) -> dict:
     return {"psnr": psnr, "noise_err": noise_err, "calls_per_step": nfe / (len(psnr) * (len(sigmas) - 1))}
 
 
-def ddim(core, model, sigmas, batches) -> dict:
-    """The reference row: naive inversion on the same images."""
-    psnr, noise_err = [], []
-    for x0, noise, _ in batches:
-        inverted = core.invert(model, x0, sigmas.flip(0), method="ddim", family=model.family).noise
-        rec = core.reconstruct(model, inverted, sigmas, family=model.family)
-        for i in range(x0.shape[0]):
-            psnr.append(metrics.psnr(rec[i:i + 1], x0[i:i + 1], 2.0, clamp=(-1, 1)))
-            noise_err.append(float("nan") if noise is None else
-                             metrics.relative_error(inverted[i:i + 1], noise[i:i + 1]))
-    return {"psnr": psnr, "noise_err": noise_err, "calls_per_step": 1.0}
-
-
 def run(core, mode: dict, models=tuple(MODELS), progress=None) -> list:
     """One record per (model, family, steps, inputs, row), in ``bench.tails``' format."""
     records = []
@@ -141,7 +129,7 @@ def run(core, mode: dict, models=tuple(MODELS), progress=None) -> list:
                 batches = (generate(core, model, sigmas, mode["images"], False, batch=1) if inputs == "generated"
                            else data_samples(model, mode["images"], batch=1))
                 case = dict(model=name, family=family, steps=steps, ancestral=False, inputs=inputs)
-                records.append(dict(case, config="ddim", **ddim(core, model, sigmas, batches)))
+                records.append(dict(case, config="ddim", **tails_measure(core, model, sigmas, batches, Config("ddim", "ddim"))))
                 for row in ROWS:
                     if progress:
                         progress(f"{name} {family} {steps} {inputs}: {row[0]}")
@@ -160,17 +148,16 @@ def markdown(records, meta) -> str:
                               f"{name} mixture, {title}, all 4 schedules"), ""]
     parts += ["Per schedule (generated images; calls/step, p10 / median PSNR, images > 1 dB below ddim):", "",
               "| model | row | " + " | ".join(f"{f} {n}" for f, n in SCHEDULES) + " |", "|---" * 6 + "|"]
+    below = below_ddim(records)
     for name in dict.fromkeys(r["model"] for r in records):
-        ddim_psnr = {(r["family"], r["steps"]): r["psnr"] for r in records
-                     if r["model"] == name and r["inputs"] == "generated" and r["config"] == "ddim"}
         for label, *_ in ROWS:
             cells = []
             for family, steps in SCHEDULES:
                 r = next(r for r in records if r["model"] == name and r["inputs"] == "generated"
                          and r["config"] == label and (r["family"], r["steps"]) == (family, steps))
                 p = np.array(r["psnr"])
-                below = int((p < np.array(ddim_psnr[family, steps]) - 1.0).sum())
-                cells.append(f"{r['calls_per_step']:.2f}; {np.percentile(p, 10):.1f} / {np.median(p):.1f}; {below}")
+                cells.append(f"{r['calls_per_step']:.2f}; {np.percentile(p, 10):.1f} / {np.median(p):.1f}; "
+                             f"{below[id(r)]}")
             parts.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(parts) + "\n"
 

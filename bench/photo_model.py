@@ -188,30 +188,32 @@ class PhotoMixture:
     def alpha(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(sigma) if self.family == "eps" else 1.0 - sigma
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        dtype = x.dtype
+    def _posterior(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, ...]:
+        """(y, a, v, w): x's DCT coefficients (B, D), a (B, 1), each coefficient's variance about a
+        component v = a^2 c + s^2 (B, D), and the posterior component weights w (B, K)."""
         s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1)
         if s.shape[0] == 1 and x.shape[0] > 1:
             s = s.expand(x.shape[0], 1)
-        y = dct2(x.double(), self.m).flatten(1)                   # (B, D)
-        a = self.alpha(s)                                          # (B, 1)
-        v = a ** 2 * self.c + s ** 2                               # (B, D)
+        y = dct2(x.double(), self.m).flatten(1)
+        a = self.alpha(s)
+        v = a ** 2 * self.c + s ** 2
         # logits up to terms equal for all k: (a y.mu_k - a^2 mu_k^2 / 2) / v
         logits = self.log_pi + (a * y / v) @ self.mu_hat.T - 0.5 * (a ** 2 / v) @ (self.mu_hat ** 2).T
-        w = torch.softmax(logits, dim=1)                           # (B, K)
+        return y, a, v, torch.softmax(logits, dim=1)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y, a, v, w = self._posterior(x, sigma)
         mean = w @ self.mu_hat                                     # (B, D)
         post = mean + (a * self.c / v) * (y - a * mean)
         out = idct2(post.view(x.shape).double(), self.m)
-        return out.to(dtype)
+        return out.to(x.dtype)
 
     def jacobian(self, x: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The exact dD/dx at one latent ``x`` (batch 1) in DCT coefficients, as
         diag(gain) + U V^T (rank K + 1): the Wiener gain a c / v, plus how the component
         weights move the mean, (1 - a^2 c / v) Cov_w[mu] (a / v), Cov_w = mu^T (diag w - w w^T) mu."""
-        w = self.weights(x, sigma)[0]
-        a = float(self.alpha(torch.tensor(float(sigma))))
-        v = a ** 2 * self.c + float(sigma) ** 2
+        _, a, v, w = (t[0] for t in self._posterior(x, float(sigma)))
         spread = self.mu_hat.T * w.sqrt()                        # (D, K)
         mean = (w @ self.mu_hat)[:, None]                        # (D, 1)
         u = (1 - a ** 2 * self.c / v)[:, None] * torch.cat([spread, -mean], 1)
@@ -220,12 +222,7 @@ class PhotoMixture:
 
     def weights(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Posterior component weights (diagnostics)."""
-        s = torch.full((x.shape[0], 1), float(sigma), dtype=torch.float64)
-        y = dct2(x.double(), self.m).flatten(1)
-        a = self.alpha(s)
-        v = a ** 2 * self.c + s ** 2
-        logits = self.log_pi + (a * y / v) @ self.mu_hat.T - 0.5 * (a ** 2 / v) @ (self.mu_hat ** 2).T
-        return torch.softmax(logits, dim=1)
+        return self._posterior(x, float(sigma))[3]
 
     def sample(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """Draws from the mixture itself (a photo plus its component's spread): images of the

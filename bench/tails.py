@@ -170,7 +170,7 @@ def _case(r) -> tuple:
     return r["model"], r["family"], r["steps"], r["inputs"]
 
 
-def _below_ddim(records) -> dict:
+def below_ddim(records) -> dict:
     """config -> images more than SLACK_DB below ddim on the same image, per record list."""
     ddim = {_case(r): r["psnr"] for r in records if r["config"] == "ddim"}
     out = {}
@@ -184,7 +184,7 @@ def _below_ddim(records) -> dict:
 
 def summary(records, where, title: str, extra_stats: bool = False) -> str:
     """Per config over the records selected by ``where``: the distribution table."""
-    below = _below_ddim(records)
+    below = below_ddim(records)
     picked = [r for r in records if where(r)]
     order = list(dict.fromkeys(r["config"] for r in picked))
     head = "| method | calls/step | min | p10 | median | median noise err | > 1 dB below ddim | crashes |"
@@ -235,7 +235,7 @@ def markdown(records, meta) -> str:
                           f"lambda: {name} mixture, deterministic, the solver without the round-trip check "
                           f"(default lam {meta['default_lam']:g})", extra_stats=True), ""]
     parts += ["Default, per case (deterministic; min / p10 / median PSNR, images > 1 dB below ddim):", ""]
-    below = _below_ddim(records)
+    below = below_ddim(records)
     parts += ["| model | family | steps | calls/step | min | p10 | median | below ddim |", "|---" * 8 + "|"]
     for r in records:
         if r["config"] == "gnri default" and "psnr" in r:
